@@ -1,0 +1,1 @@
+"""The continuous-batching engine: requests in, tokens out, over OpenVINO's PagedAttention."""

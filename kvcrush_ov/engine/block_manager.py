@@ -1,0 +1,118 @@
+"""Owns WHERE KV lives: a pool of physical blocks per layer and each sequence's per-layer block table.
+
+Each layer has its own pool (its own key_cache.N/value_cache.N tensors), so after eviction layers may
+hold different numbers of slots (PyramidKV). Blocks are reference-counted so a forked sequence shares
+its parent's blocks copy-on-write (fan-out of one prefill to several policies).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import KVCrushError
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, num_layers: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.num_layers = num_layers
+        self.block_size = block_size
+        # LIFO free lists (reversed so block 0 is handed out first, like a fresh pool).
+        self._free: list[list[int]] = [list(range(num_blocks - 1, -1, -1)) for _ in range(num_layers)]
+        self._ref = np.zeros((num_layers, num_blocks), dtype=np.int32)
+        self.tables: dict[int, list[list[int]]] = {}
+
+    # -- queries -------------------------------------------------------------------------------
+    def blocks_for(self, num_slots: int) -> int:
+        return -(-num_slots // self.block_size)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Free blocks in the tightest layer (all layers must fit a request)."""
+        return min(len(f) for f in self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return int((self._ref > 0).sum())
+
+    def table(self, seq_id: int, layer: int) -> list[int]:
+        return self.tables[seq_id][layer]
+
+    def num_new_blocks(self, seq_id: int, num_slots: int) -> int:
+        """Blocks still to allocate (per layer, the max) so that the sequence holds num_slots slots."""
+        tables = self.tables.get(seq_id)
+        have = min(len(t) for t in tables) if tables else 0
+        return max(0, self.blocks_for(num_slots) - have)
+
+    def can_hold(self, seq_id: int, num_slots: int) -> bool:
+        return self.num_new_blocks(seq_id, num_slots) <= self.num_free_blocks
+
+    # -- mutations ------------------------------------------------------------------------------
+    def allocate(self, seq_id: int, num_slots: int) -> list[tuple[int, int, int]]:
+        """Grow the sequence's tables to hold num_slots slots in every layer.
+
+        Returns copy-on-write work (layer, src_block, dst_block): when the last, partly filled block is
+        shared with a fork, it is replaced by a private copy before new tokens are written into it.
+        The caller (model runner) copies the block contents.
+        """
+        tables = self.tables.setdefault(seq_id, [[] for _ in range(self.num_layers)])
+        need = self.blocks_for(num_slots)
+        copies: list[tuple[int, int, int]] = []
+        for layer, table in enumerate(tables):
+            free = self._free[layer]
+            if need - len(table) > len(free):
+                raise KVCrushError(f"KV pool exhausted in layer {layer}: scheduler admitted more than fits")
+            if table and self._ref[layer, table[-1]] > 1 and num_slots > 0:
+                # Writing into a shared block: give this sequence its own copy first.
+                src, dst = table[-1], free.pop()
+                self._ref[layer, src] -= 1
+                self._ref[layer, dst] = 1
+                table[-1] = dst
+                copies.append((layer, src, dst))
+            while len(table) < need:
+                block = free.pop()
+                self._ref[layer, block] = 1
+                table.append(block)
+        return copies
+
+    def trim(self, seq_id: int, num_slots_per_layer: np.ndarray | list[int]) -> None:
+        """After compaction: release the tail blocks a layer no longer needs."""
+        for layer, (table, n) in enumerate(zip(self.tables[seq_id], num_slots_per_layer)):
+            keep = self.blocks_for(int(n))
+            for block in table[keep:]:
+                self._release(layer, block)
+            del table[keep:]
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """The child shares every block of the parent (copy-on-write)."""
+        if child_id in self.tables:
+            raise KVCrushError(f"sequence {child_id} already has blocks")
+        parent = self.tables[parent_id]
+        self.tables[child_id] = [list(t) for t in parent]
+        for layer, table in enumerate(parent):
+            self._ref[layer, table] += 1
+
+    def free(self, seq_id: int) -> None:
+        """Return every block of the sequence (no-op if it holds none)."""
+        for layer, table in enumerate(self.tables.pop(seq_id, [])):
+            for block in table:
+                self._release(layer, block)
+
+    def _release(self, layer: int, block: int) -> None:
+        ref = self._ref[layer, block]
+        if ref <= 0:
+            raise KVCrushError(f"double free of block {block} in layer {layer}")
+        self._ref[layer, block] = ref - 1
+        if ref == 1:
+            self._free[layer].append(block)
+
+    def check_invariants(self) -> None:
+        """Ref counts equal the number of tables holding each block; free lists hold exactly the rest."""
+        expected = np.zeros_like(self._ref)
+        for tables in self.tables.values():
+            for layer, table in enumerate(tables):
+                np.add.at(expected[layer], table, 1)
+        if not np.array_equal(expected, self._ref):
+            raise AssertionError("block ref counts disagree with the block tables")
+        for layer, free in enumerate(self._free):
+            if len(set(free)) != len(free) or set(free) != set(np.flatnonzero(self._ref[layer] == 0).tolist()):
+                raise AssertionError(f"free list of layer {layer} disagrees with ref counts")

@@ -1,0 +1,158 @@
+"""The add_request / step / abort loop that ties scheduler, runner, sampler and block manager together.
+
+Data flows one way each step: scheduler (what runs) -> block copies -> model runner (logits) ->
+sampler (tokens) -> stop checks / streaming -> finished sequences leave and free their blocks.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..config import GenerationConfig, SchedulerConfig
+from ..errors import CacheCapacityError, KVCrushError, PromptError
+from .model_runner import ModelRunner
+from .sampler import greedy_batch, sample
+from .scheduler import Scheduler
+from .sequence import FinishReason, Sequence, Status
+
+Decode = Callable[[list[int]], str]
+
+
+@dataclass
+class StepStats:
+    num_tokens: int
+    num_prefill_tokens: int
+    num_decode_seqs: int
+    seconds: float
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str | Path, device: str = "CPU", scheduler_config: SchedulerConfig | None = None,
+                 properties: dict | None = None, decode: Decode | None = None,
+                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+        self.config = SchedulerConfig.from_any(scheduler_config)
+        self.runner = ModelRunner(model_dir, device, cache_size_gb=self.config.cache_size,
+                                  num_kv_blocks=self.config.num_kv_blocks,
+                                  kv_cache_precision=self.config.kv_cache_precision, properties=properties)
+        self.blocks = self.runner.make_block_manager()
+        self.scheduler = Scheduler(self.blocks, self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        self.decode = decode
+        self.eos_token_ids = eos_token_ids
+        self._ids = itertools.count()
+        self.sequences: dict[int, Sequence] = {}
+        self.last_step: StepStats | None = None
+
+    # -- requests ----------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int] | np.ndarray, config: GenerationConfig,
+                    streamer: Callable[[str], Any] | None = None) -> Sequence:
+        ids = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
+        if not ids:
+            raise PromptError("the prompt is empty: give at least one token")
+        config.validate()
+        max_pos = self.runner.max_position
+        if max_pos and len(ids) + config.max_new_tokens > max_pos:
+            raise PromptError(f"prompt ({len(ids)} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the "
+                              f"model's maximum position {max_pos}; shorten the prompt or lower max_new_tokens")
+        need = self.blocks.blocks_for(len(ids) + config.max_new_tokens)
+        if need > self.blocks.num_blocks:
+            raise CacheCapacityError(
+                f"one request needs {need} KV blocks ({len(ids)} prompt + {config.max_new_tokens} new tokens) but the "
+                f"pool has {self.blocks.num_blocks}; raise cache_size/num_kv_blocks or enable eviction")
+        eos = frozenset({config.eos_token_id}) if config.eos_token_id >= 0 else self.eos_token_ids
+        seq = Sequence(next(self._ids), ids, len(ids), config, eos_token_ids=eos, streamer=streamer,
+                       arrival=time.perf_counter())
+        self.sequences[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq_id: int) -> None:
+        """Stop a request now and free its blocks at once."""
+        seq = self.sequences.get(seq_id)
+        if seq is not None and not seq.is_finished:
+            seq.finish(FinishReason.ABORT)
+            self.scheduler.remove_finished()
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- one step ----------------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Run one batch; return the sequences that finished in it."""
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            if self.scheduler.has_work:
+                raise KVCrushError("no request could be scheduled (KV pool too small for any waiting request)")
+            return []
+        self.runner.copy_blocks(out.block_copies)
+        logits = self.runner.run(out.chunks, self.blocks)
+        sampling = [c.seq for c in out.chunks if c.samples]
+        for c in out.chunks:
+            c.seq.num_computed += c.num_tokens
+            c.seq.cache_len += c.num_tokens
+        greedy = greedy_batch(logits) if all(not s.config.do_sample for s in sampling) else None
+        now = time.perf_counter()
+        for row, seq in enumerate(sampling):
+            suppress = seq.eos_token_ids if seq.num_generated < seq.config.min_new_tokens else frozenset()
+            if greedy is not None and not suppress:
+                token = int(greedy[row])
+            else:
+                token = sample(logits[row], seq.config, seq.rng, suppress)
+            seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.token_times.append(now)
+            self._check_stop(seq, token)
+            self._stream(seq)
+        n_prefill = sum(c.num_tokens for c in out.chunks if c.num_tokens > 1 or not c.samples)
+        self.last_step = StepStats(out.num_tokens, n_prefill, len(out.chunks) - sum(
+            1 for c in out.chunks if c.num_tokens > 1 or not c.samples), time.perf_counter() - t0)
+        return self.scheduler.remove_finished()
+
+    # -- stopping and streaming ----------------------------------------------------------------------
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        cfg = seq.config
+        if not cfg.ignore_eos and (token in seq.eos_token_ids or token in cfg.stop_token_ids) \
+                and seq.num_generated >= cfg.min_new_tokens:
+            seq.finish(FinishReason.STOP)
+        elif cfg.stop_strings and self.decode is not None:
+            seq.text = self.decode(seq.output_ids)
+            tail = seq.text[max(0, seq.streamed_chars - max(map(len, cfg.stop_strings))):]
+            hits = [(tail.find(s), s) for s in cfg.stop_strings if s in tail]
+            if hits:
+                pos, stop = min(hits)
+                cut = len(seq.text) - len(tail) + pos
+                seq.text = seq.text[:cut + (len(stop) if cfg.include_stop_str_in_output else 0)]
+                seq.finish(FinishReason.STOP)
+        if not seq.is_finished and seq.num_generated >= cfg.max_new_tokens:
+            seq.finish(FinishReason.LENGTH)
+
+    def _stream(self, seq: Sequence) -> None:
+        if seq.streamer is None or self.decode is None:
+            return
+        if not (seq.is_finished and seq.config.stop_strings and seq.finish_reason is FinishReason.STOP):
+            seq.text = self.decode(seq.output_ids)
+        text = seq.text
+        end = len(text)
+        if not seq.is_finished:
+            if text.endswith("\ufffd"):
+                return  # an incomplete UTF-8 character: wait for the next token
+            if seq.config.stop_strings:  # hold back what could be the start of a stop string
+                end = max(seq.streamed_chars, end - max(map(len, seq.config.stop_strings)) + 1)
+        piece = text[seq.streamed_chars:end]
+        if not piece:
+            return
+        seq.streamed_chars = end
+        try:
+            status = seq.streamer(piece)
+        except Exception as e:  # a broken streamer only ends its own request
+            seq.finish(FinishReason.ABORT, error=f"streamer raised {type(e).__name__}: {e}")
+            return
+        if status is True or getattr(status, "name", "") in ("STOP", "CANCEL"):
+            seq.finish(FinishReason.ABORT if getattr(status, "name", "") == "CANCEL" else FinishReason.STOP)

@@ -1,0 +1,170 @@
+"""Runs the paged OpenVINO model: the only file that knows PagedAttention input names.
+
+It loads the IR, applies the transforms/ passes, compiles, owns the KV block pool tensors (one
+key_cache/value_cache pair per layer, shapes and precision read from the compiled model), turns a
+list of scheduled chunks into PagedAttention inputs and returns the logits of sampled positions.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence as Seq
+
+import numpy as np
+import openvino as ov
+
+from .. import transforms
+from ..errors import CacheCapacityError, ModelError
+from .block_manager import BlockManager
+from .scheduler import ScheduledChunk
+
+_PRECISIONS = {"f32": ov.Type.f32, "f16": ov.Type.f16, "u8": ov.Type.u8, "u4": ov.Type.u4}
+_PRECISION_NAMES = {ov.Type.f32: "f32", ov.Type.f16: "f16", ov.Type.bf16: "bf16", ov.Type.u8: "u8",
+                    ov.Type.i8: "i8", ov.Type.u4: "u4"}
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """How one layer's KV block is stored, as compiled (dims exclude the block axis)."""
+
+    precision: str            # "f32", "f16", "bf16", "u8", "u4"
+    key_shape: tuple[int, ...]    # e.g. (Hkv, 32, hd) for f16, (Hkv, 32+8, hd) for u8 by-channel keys
+    value_shape: tuple[int, ...]  # e.g. (Hkv, 32, hd) for f16, (Hkv, 32, hd+8) for u8
+    bits: int                 # bits per stored element
+    block_size: int
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Key + value bytes of one block of one layer, scales and zero-points included."""
+        return int(np.prod(self.key_shape) + np.prod(self.value_shape)) * self.bits // 8
+
+
+def read_model_dir(model_dir: str | Path) -> tuple[Path, dict]:
+    """Check an optimum-cli export directory; return (path, config.json contents)."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelError(f"model directory {str(path)!r} does not exist; run `kvcrush-ov prepare smollm2-135m` "
+                         f"or export one with `optimum-cli export openvino`")
+    for name in ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml"):
+        if not (path / name).is_file():
+            raise ModelError(f"{path} has no {name}: not an `optimum-cli export openvino` directory of an LLM "
+                             f"(export with --task text-generation-with-past, tokenizers included)")
+    config = {}
+    if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+    return path, config
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str | Path, device: str = "CPU", *, cache_size_gb: float = 1.0,
+                 num_kv_blocks: int = 0, kv_cache_precision: str | None = None,
+                 properties: dict | None = None, core: ov.Core | None = None) -> None:
+        self.model_dir, self.hf_config = read_model_dir(model_dir)
+        self.core = core or ov.Core()
+        try:
+            model = self.core.read_model(self.model_dir / "openvino_model.xml")
+        except RuntimeError as e:
+            raise ModelError(f"cannot read {self.model_dir / 'openvino_model.xml'}: {str(e).splitlines()[0]}") from None
+        if not transforms.paged.is_stateful_sdpa(model):
+            raise ModelError(f"{self.model_dir} is not a stateful model with ScaledDotProductAttention; re-export "
+                             f"it with `optimum-cli export openvino --task text-generation-with-past` (SDPA on)")
+        self.info = transforms.make_paged_model(model)
+        props = dict(properties or {})
+        if kv_cache_precision is not None:
+            props["KV_CACHE_PRECISION"] = _PRECISIONS[kv_cache_precision]
+        if device.upper() not in [d.upper() for d in self.core.available_devices] and not device.upper().startswith(
+                ("AUTO", "HETERO", "MULTI")):
+            raise ModelError(f"device {device!r} is not available here; available: {', '.join(self.core.available_devices)}")
+        try:
+            self.compiled = self.core.compile_model(model, device, props)
+        except RuntimeError as e:
+            raise ModelError(f"cannot compile the paged model on {device}: {str(e).strip().splitlines()[-1]}") from None
+        self.request = self.compiled.create_infer_request()
+        self.input_names = {name for i in self.compiled.inputs for name in i.get_names()}
+        self.num_layers = self.info.num_layers
+        self.layout = self._read_layout()
+        self.block_size = self.layout.block_size
+        self.num_kv_heads = self.layout.key_shape[0]
+        self.head_size = self.info.kv_width // self.num_kv_heads
+        self.bytes_per_block = self.layout.bytes_per_block * self.num_layers
+        if num_kv_blocks <= 0:
+            num_kv_blocks = int(cache_size_gb * 2**30) // self.bytes_per_block
+        if num_kv_blocks < 1:
+            raise CacheCapacityError(f"cache_size {cache_size_gb} GB holds no KV block "
+                                     f"({self.bytes_per_block} bytes each); raise cache_size or num_kv_blocks")
+        self.num_blocks = num_kv_blocks
+        # OpenVINO allocates the pool (untouched pages stay unmapped, so RSS grows with use); we keep
+        # numpy views of the raw storage for block copies and compaction.
+        self._tensors: dict[str, ov.Tensor] = {}
+        for layer in range(self.num_layers):
+            for name, dims in ((f"key_cache.{layer}", self.layout.key_shape), (f"value_cache.{layer}", self.layout.value_shape)):
+                tensor = ov.Tensor(self.compiled.input(name).get_element_type(), [self.num_blocks, *dims])
+                self.request.set_tensor(name, tensor)
+                self._tensors[name] = tensor
+        self.key_cache = [self._tensors[f"key_cache.{i}"].data for i in range(self.num_layers)]
+        self.value_cache = [self._tensors[f"value_cache.{i}"].data for i in range(self.num_layers)]
+        self.max_position = int(self.hf_config.get("max_position_embeddings", 0)) or None
+
+    # -- layout ------------------------------------------------------------------------------------
+    @staticmethod
+    def _static_dims(port: ov.ConstOutput) -> tuple[int, ...]:
+        shape = port.get_partial_shape()
+        return tuple(shape[i].get_length() for i in range(1, shape.rank.get_length()))
+
+    def _read_layout(self) -> CacheLayout:
+        key, value = self.compiled.input("key_cache.0"), self.compiled.input("value_cache.0")
+        et = key.get_element_type()
+        key_shape, value_shape = self._static_dims(key), self._static_dims(value)
+        return CacheLayout(precision=_PRECISION_NAMES.get(et, str(et)), key_shape=key_shape, value_shape=value_shape,
+                           bits=et.bitwidth, block_size=value_shape[1])
+
+    def make_block_manager(self) -> BlockManager:
+        return BlockManager(self.num_blocks, self.num_layers, self.block_size)
+
+    def copy_blocks(self, copies: Seq[tuple[int, int, int]]) -> None:
+        for layer, src, dst in copies:
+            self.key_cache[layer][dst] = self.key_cache[layer][src]
+            self.value_cache[layer][dst] = self.value_cache[layer][src]
+
+    # -- one step ----------------------------------------------------------------------------------
+    def run(self, chunks: list[ScheduledChunk], blocks: BlockManager) -> np.ndarray:
+        """Feed the chunks; return logits [S, V] for the chunks that sample, in chunk order."""
+        lens = np.array([c.num_tokens for c in chunks], dtype=np.int32)
+        starts = np.array([c.seq.num_computed for c in chunks], dtype=np.int64)
+        past = np.array([c.seq.cache_len for c in chunks], dtype=np.int32)
+        input_ids = np.concatenate([np.asarray(c.seq.token_ids[s:s + n], dtype=np.int64)
+                                    for c, s, n in zip(chunks, starts, lens)])
+        # True positions: evicted tokens leave gaps in the cache, not in RoPE positions.
+        offsets = np.repeat(np.cumsum(lens) - lens, lens)
+        position_ids = np.arange(int(lens.sum()), dtype=np.int64) - offsets + np.repeat(starts, lens)
+        begins = np.zeros(len(chunks) + 1, dtype=np.int32)
+        np.cumsum(lens, out=begins[1:])
+        sample_rows = np.array([i for i, c in enumerate(chunks) if c.samples], dtype=np.int64)
+        inputs = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "past_lens": past,
+            "subsequence_begins": begins,
+            "max_context_len": np.array(int((past + lens).max()), dtype=np.int32),
+        }
+        tables = [blocks.tables[c.seq.seq_id] for c in chunks]
+        block_begins = np.zeros(len(chunks) + 1, dtype=np.int32)
+        np.cumsum([len(t[0]) for t in tables], out=block_begins[1:])
+        inputs["block_indices_begins"] = block_begins
+        for layer in range(self.num_layers):
+            inputs[f"block_indices.{layer}"] = np.fromiter(
+                (b for t in tables for b in t[layer]), dtype=np.int32, count=int(block_begins[-1]))
+        if "score_aggregation_window" in self.input_names:
+            inputs["score_aggregation_window"] = np.zeros(len(chunks), dtype=np.int32)
+        if self.info.gathers_logits:
+            inputs["sampled_tokens_indices"] = (begins[1:][sample_rows] - 1).astype(np.int64)
+        for name, value in inputs.items():
+            self.request.set_tensor(name, ov.Tensor(value))
+        self.request.infer()
+        logits = self.request.get_tensor("logits").data
+        logits = logits.reshape(logits.shape[0], -1)
+        if not self.info.gathers_logits:
+            logits = logits[begins[1:][sample_rows] - 1]
+        return logits

@@ -1,0 +1,37 @@
+"""Next-token choice from logits: greedy, or temperature / top-k / top-p sampling with a per-request seed."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import GenerationConfig
+
+
+def sample(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generator,
+           suppress: frozenset[int] = frozenset()) -> int:
+    """One token from one row of logits [V]. `suppress` masks tokens (EOS before min_new_tokens)."""
+    if suppress:
+        logits = logits.copy()
+        logits[list(suppress)] = -np.inf
+    if not config.do_sample:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / config.temperature
+    if 0 < config.top_k < z.shape[0]:
+        kth = np.partition(z, -config.top_k)[-config.top_k]
+        z = np.where(z < kth, -np.inf, z)
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    if config.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        cut = int(np.searchsorted(cum, config.top_p)) + 1  # smallest prefix with mass >= top_p
+        keep = order[:cut]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(p.shape[0], p=p))
+
+
+def greedy_batch(logits: np.ndarray) -> np.ndarray:
+    """Argmax over rows [S, V] at once (the common case: every request greedy)."""
+    return logits.argmax(axis=-1)

@@ -1,0 +1,123 @@
+"""Decides WHAT runs each step: decodes first, then prompt chunks, under one token budget.
+
+The rule follows openvino-genai's dynamic split-fuse scheduler so that, with the same kernels, both
+engines feed the model the same batches: every decoding sequence gets its token first (in arrival
+order), then prompts (in arrival order) are cut into chunks that fill the remaining
+`max_num_batched_tokens`. When a decoding sequence needs a block and none is free, the most recently
+arrived running sequence is preempted by recompute: its blocks are freed and it is prefilled again
+later (its generated tokens are kept, so greedy output is unchanged).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens fed to the model this step, starting at seq.num_computed
+
+    @property
+    def samples(self) -> bool:
+        """After this chunk every known token is computed, so the next one is sampled."""
+        return self.seq.num_computed + self.num_tokens == len(self.seq.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    block_copies: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, src, dst)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.blocks = blocks
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.seqs: list[Sequence] = []  # unfinished, in arrival order
+
+    def add(self, seq: Sequence) -> None:
+        self.seqs.append(seq)
+
+    def remove_finished(self) -> list[Sequence]:
+        done = [s for s in self.seqs if s.is_finished]
+        for s in done:
+            self.blocks.free(s.seq_id)
+        self.seqs = [s for s in self.seqs if not s.is_finished]
+        return done
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.seqs)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # 1. decodes: running sequences whose every token but the last sampled one is in the cache.
+        for seq in list(self.seqs):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING or seq.num_uncomputed != 1 or seq in out.preempted:
+                continue
+            while not self.blocks.can_hold(seq.seq_id, seq.cache_len + 1):
+                victim = self._preemption_victim(exclude=out)
+                if victim is None:
+                    break
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING or not self.blocks.can_hold(seq.seq_id, seq.cache_len + 1):
+                continue
+            out.block_copies += self.blocks.allocate(seq.seq_id, seq.cache_len + 1)
+            out.chunks.append(ScheduledChunk(seq, 1))
+            budget -= 1
+        # 2. prompt chunks (also recomputation after preemption), greedily in arrival order.
+        holding = sum(1 for s in self.seqs if s.status is Status.RUNNING)
+        for seq in self.seqs:
+            if budget == 0:
+                break
+            if seq.is_finished or seq in out.preempted or (seq.status is Status.RUNNING and seq.num_uncomputed <= 1):
+                continue
+            if seq.status is Status.WAITING and holding >= self.max_num_seqs:
+                break
+            free_slots = self.blocks.num_free_blocks * self.blocks.block_size + self._slack(seq)
+            n = min(budget, seq.num_uncomputed, free_slots)
+            if n <= 0:
+                break  # keep arrival order: a later prompt does not overtake one that does not fit
+            if seq.status is Status.WAITING:
+                seq.status = Status.RUNNING
+                holding += 1
+            out.block_copies += self.blocks.allocate(seq.seq_id, seq.cache_len + n)
+            out.chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        return out
+
+    def _slack(self, seq: Sequence) -> int:
+        """Free slots left in the sequence's last allocated block."""
+        tables = self.blocks.tables.get(seq.seq_id)
+        if not tables:
+            return 0
+        return min(len(t) for t in tables) * self.blocks.block_size - seq.cache_len
+
+    def _preemption_victim(self, exclude: SchedulerOutput) -> Sequence | None:
+        scheduled = {id(c.seq) for c in exclude.chunks}
+        for seq in reversed(self.seqs):
+            if seq.status is Status.RUNNING and id(seq) not in scheduled and seq not in exclude.preempted:
+                return seq
+        return None
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.blocks.free(seq.seq_id)
+        seq.status = Status.WAITING
+        seq.num_computed = 0
+        seq.cache_len = 0
+        seq.num_preemptions += 1
+        out.preempted.append(seq)

@@ -1,0 +1,172 @@
+"""The user's door: an openvino_genai.LLMPipeline look-alike over our engine.
+
+    pipe = kvcrush_ov.LLMPipeline(models_path, "CPU", scheduler_config=kvcrush_ov.SchedulerConfig(...))
+    print(pipe.generate("Why is the sky blue?", max_new_tokens=64))
+
+Prompts are templated and tokenized exactly as openvino_genai does (chat template on by default,
+special tokens added only when no template is applied), so both backends see the same token ids.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import openvino_genai as ov_genai
+from tqdm import tqdm
+
+from .config import GenerationConfig, SchedulerConfig
+from .engine.llm_engine import LLMEngine
+from .engine.model_runner import read_model_dir
+from .engine.sequence import FinishReason, Sequence
+from .errors import ConfigError, KVCrushError, PromptError
+
+Streamer = Callable[[str], Any]
+
+
+@dataclass
+class DecodedResults:
+    """Like openvino_genai.DecodedResults: `texts`, `scores`; str() gives the text(s)."""
+
+    texts: list[str]
+    scores: list[float]
+    token_ids: list[list[int]] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+    prompt_lengths: list[int] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.texts[0] if len(self.texts) == 1 else "\n".join(self.texts)
+
+
+class Tokenizer:
+    """openvino_genai's Tokenizer (openvino-tokenizers models exported next to the IR) plus the
+    prompt preparation rule of openvino_genai's pipelines."""
+
+    def __init__(self, models_path: str | Path) -> None:
+        self.ov_tokenizer = ov_genai.Tokenizer(str(models_path))
+        self.eos_token_id = int(self.ov_tokenizer.get_eos_token_id())
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.ov_tokenizer.encode(text, add_special_tokens=add_special_tokens).input_ids.data[0].tolist()
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.ov_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, history: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.ov_tokenizer.apply_chat_template(history, add_generation_prompt)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.ov_tokenizer.chat_template)
+
+    def prepare(self, prompt: str, apply_chat_template: bool) -> list[int]:
+        if not isinstance(prompt, str):
+            raise PromptError(f"a prompt must be a str, not {type(prompt).__name__}")
+        if not prompt:
+            raise PromptError("the prompt is empty: give some text")
+        if apply_chat_template and self.has_chat_template:
+            templated = self.apply_chat_template([{"role": "user", "content": prompt}], True)
+            return self.encode(templated, add_special_tokens=False)
+        return self.encode(prompt, add_special_tokens=True)
+
+    # openvino_genai.Tokenizer compatibility
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ov_tokenizer, name)
+
+
+class LLMPipeline:
+    """generate() over a continuous-batching engine; several prompts run batched in one engine."""
+
+    def __init__(self, models_path: str | Path, device: str = "CPU", scheduler_config: Any = None,
+                 **properties: Any) -> None:
+        path, _ = read_model_dir(models_path)
+        self.models_path = path
+        self.tokenizer = Tokenizer(path)
+        self.generation_config = self._default_generation_config(path)
+        self.engine = LLMEngine(path, device, SchedulerConfig.from_any(scheduler_config), properties,
+                                decode=self.tokenizer.decode,
+                                eos_token_ids=frozenset({self.generation_config.eos_token_id}))
+        self._lock = threading.Lock()
+
+    def _default_generation_config(self, path: Path) -> GenerationConfig:
+        cfg = GenerationConfig()
+        gen_file = path / "generation_config.json"
+        if gen_file.is_file():
+            ov_cfg = ov_genai.GenerationConfig(str(gen_file))
+            cfg = GenerationConfig.from_any(ov_cfg)
+        if cfg.eos_token_id < 0:
+            cfg.eos_token_id = self.tokenizer.eos_token_id
+        return cfg
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    def get_generation_config(self) -> GenerationConfig:
+        return self.generation_config
+
+    def set_generation_config(self, config: Any) -> None:
+        self.generation_config = GenerationConfig.from_any(config)
+
+    def generate(self, inputs: str | list[str], generation_config: Any = None, streamer: Streamer | None = None,
+                 progress: bool = False, **kwargs: Any) -> DecodedResults:
+        """Generate for one prompt or a batch. Extra kwargs override generation_config fields.
+
+        Thread-safe: concurrent calls are serialized (one engine, one step loop).
+        """
+        config = self._resolve_config(generation_config, kwargs)
+        prompts = [inputs] if isinstance(inputs, str) else list(inputs) if isinstance(inputs, (list, tuple)) else None
+        if not prompts:
+            raise PromptError("inputs must be a non-empty str or a non-empty list of str")
+        if streamer is not None and len(prompts) > 1:
+            raise ConfigError("a streamer can only be used with a single prompt (as in openvino_genai)")
+        token_ids = [self.tokenizer.prepare(p, config.apply_chat_template) for p in prompts]
+        with self._lock:
+            seqs = self.generate_ids(token_ids, config, streamer, progress)
+        return DecodedResults(
+            texts=[s.text if s.finish_reason is FinishReason.STOP and config.stop_strings and s.text
+                   else self.tokenizer.decode(self._visible_ids(s)) for s in seqs],
+            scores=[0.0] * len(seqs),
+            token_ids=[s.output_ids for s in seqs],
+            finish_reasons=[s.finish_reason.value for s in seqs],
+            prompt_lengths=[s.num_prompt_tokens for s in seqs],
+        )
+
+    def generate_ids(self, token_ids: Iterable[list[int]], config: GenerationConfig,
+                     streamer: Streamer | None = None, progress: bool = False) -> list[Sequence]:
+        """Token ids in, finished sequences out (all requests batched). Not locked: call from one thread."""
+        seqs = []
+        try:
+            for ids in token_ids:
+                seqs.append(self.engine.add_request(ids, config, streamer))
+            bar = tqdm(total=len(seqs), desc="generate", disable=not progress, unit="req")
+            while self.engine.has_unfinished:
+                bar.update(len(self.engine.step()))
+            bar.close()
+        except BaseException:
+            for s in seqs:  # leave the engine clean for the next call
+                self.engine.abort(s.seq_id)
+            raise
+        failed = [s for s in seqs if s.finish_reason is FinishReason.ABORT and s.error]
+        if failed and len(seqs) == 1:
+            raise KVCrushError(failed[0].error)
+        return seqs
+
+    def _resolve_config(self, generation_config: Any, kwargs: dict) -> GenerationConfig:
+        base = self.generation_config if generation_config is None else GenerationConfig.from_any(generation_config)
+        if generation_config is not None and base.eos_token_id < 0:
+            base = base.updated(eos_token_id=self.generation_config.eos_token_id)
+        return base.updated(**kwargs) if kwargs else base
+
+    @staticmethod
+    def _visible_ids(seq: Sequence) -> list[int]:
+        out = seq.output_ids
+        if seq.finish_reason is FinishReason.STOP and out and out[-1] in seq.eos_token_ids:
+            out = out[:-1]
+        return out
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        r = self.engine.runner
+        return r.bytes_per_block // r.block_size

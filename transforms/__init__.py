@@ -1,0 +1,9 @@
+"""OpenVINO graph passes that turn an exported stateful LLM into the model the engine drives.
+
+Imported as ``kvcrush_ov.transforms`` (this folder is mapped there in pyproject.toml). These passes know
+OpenVINO graphs and nothing of scheduling.
+"""
+from .paged import PagedModelInfo, make_paged_model
+from .gather_logits import gather_logits_before_lm_head
+
+__all__ = ["PagedModelInfo", "make_paged_model", "gather_logits_before_lm_head"]
