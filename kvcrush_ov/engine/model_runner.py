@@ -164,7 +164,8 @@ class ModelRunner:
             self.request.set_tensor(name, ov.Tensor(value))
         self.request.infer()
         logits = self.request.get_tensor("logits").data
-        logits = logits.reshape(logits.shape[0], -1)
+        vocab = logits.shape[-1]
+        logits = logits.reshape(-1, vocab)
         if not self.info.gathers_logits:
             logits = logits[begins[1:][sample_rows] - 1]
         return logits

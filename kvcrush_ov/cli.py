@@ -1,0 +1,128 @@
+"""`kvcrush-ov` command line: prepare, generate, bench, demo.
+
+Errors of ours print one line (`error: ...`) and exit 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import KVCrushError
+
+
+def _model_dir(arg: str) -> Path:
+    """`--model` takes a directory or a known model name (prepared on first use)."""
+    from . import models
+    if arg in models.MODELS:
+        return models.prepare(arg)
+    return Path(arg)
+
+
+def _scheduler_config(args: argparse.Namespace):
+    from .config import SchedulerConfig
+    return SchedulerConfig(cache_size=args.cache_size, num_kv_blocks=args.num_kv_blocks,
+                           max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                           kv_cache_precision=args.kv_precision)
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="IR directory or a known name (default: smollm2-135m)")
+    p.add_argument("--device", default="CPU")
+    p.add_argument("--cache-size", type=float, default=1.0, help="KV pool size in GB (default 1)")
+    p.add_argument("--num-kv-blocks", type=int, default=0, help="KV pool size in blocks (overrides --cache-size)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--kv-precision", choices=["f32", "f16", "u8", "u4"], default=None,
+                   help="KV cache precision (default: the device's)")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from . import models
+    print(models.prepare(args.name, weight_format=args.weight_format, force=args.force))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .pipeline import LLMPipeline
+    prompt = Path(args.prompt_file).read_text(encoding="utf-8", errors="strict") if args.prompt_file else args.prompt
+    if prompt is None:
+        raise KVCrushError("give a prompt: --prompt TEXT or --prompt-file FILE")
+    pipe = LLMPipeline(_model_dir(args.model), args.device, scheduler_config=_scheduler_config(args))
+
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = pipe.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                           temperature=args.temperature or 1.0, rng_seed=args.seed,
+                           apply_chat_template=not args.no_chat_template, streamer=stream)
+    sys.stdout.write("\n")
+    n = result.prompt_lengths[0]
+    print(f"[{n} prompt tokens, {len(result.token_ids[0])} new tokens, "
+          f"KV {pipe.kv_bytes_per_token * (n + len(result.token_ids[0])) / 2**20:.1f} MiB]", file=sys.stderr)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+    run_bench(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+    run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvcrush-ov", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="build OpenVINO IR of a known model; prints its directory last")
+    p.add_argument("name", help="smollm2-135m | tiny-llama")
+    p.add_argument("--weight-format", default="fp16", help="fp16 | int8 | int4 (NNCF, as optimum-cli)")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("generate", help="generate text for one prompt (streamed)")
+    _add_engine_args(p)
+    p.add_argument("--prompt")
+    p.add_argument("--prompt-file")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat-template", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="throughput/latency benchmark; prints a table and writes JSON")
+    _add_engine_args(p)
+    p.add_argument("--backend", choices=["ours", "native", "compare"], default="ours")
+    p.add_argument("--prompt-tokens", default="1024", help="comma-separated prompt lengths")
+    p.add_argument("--concurrency", default="8", help="comma-separated numbers of concurrent requests")
+    p.add_argument("--new-tokens", default="128", help="comma-separated numbers of new tokens")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved repeats per configuration")
+    p.add_argument("--out", default="bench.json")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="prepare the default model and answer a prompt")
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KVCrushError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, UnicodeDecodeError, IsADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
