@@ -1,0 +1,191 @@
+"""`kvcrush-ov bench`: throughput and latency of our engine, openvino-genai's, or both interleaved.
+
+Both backends get the same token ids (no chat template), ignore EOS, and run in one process, one
+after the other per configuration and repeat, so machine noise hits both alike; `compare` reports
+ours/native ratios measured side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+_WORDS = ("river stone light garden paper window morning signal number market music forest silver "
+          "engine planet letter winter harbor teacher bridge summer candle mountain question").split()
+
+
+@dataclass
+class BenchResult:
+    backend: str
+    prompt_tokens: int
+    concurrency: int
+    new_tokens: int
+    seconds: float
+    e2e_tok_s: float        # (prompt + generated tokens) / wall time
+    prefill_tok_s: float    # prompt tokens / time until the last request's first token
+    decode_tok_s: float     # tokens generated after that / the remaining time
+    ttft_s_mean: float
+    tpot_ms_p50: float      # inter-token latency per request, pooled
+    tpot_ms_p95: float
+    peak_rss_mib: float
+    kv_bytes: int           # peak KV bytes in use (blocks held x bytes per block, all layers)
+
+
+def synthetic_prompts(tokenizer, n_tokens: int, count: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(count):
+        text = " ".join(rng.choice(_WORDS, size=n_tokens + 16))
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        prompts.append(ids[:n_tokens])
+    return prompts
+
+
+def _rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _summarize(backend, prompts, new_tokens, t0, t_end, token_times: list[list[float]], kv_bytes) -> BenchResult:
+    firsts = [t[0] for t in token_times]
+    gaps = np.concatenate([np.diff(t) for t in token_times if len(t) > 1] or [np.zeros(1)]) * 1e3
+    n_prompt = sum(map(len, prompts))
+    n_gen = sum(map(len, token_times))
+    t_prefill = max(firsts) - t0
+    return BenchResult(
+        backend=backend, prompt_tokens=len(prompts[0]), concurrency=len(prompts), new_tokens=new_tokens,
+        seconds=t_end - t0, e2e_tok_s=(n_prompt + n_gen) / (t_end - t0), prefill_tok_s=n_prompt / t_prefill,
+        decode_tok_s=sum(len([x for x in t if x > max(firsts)]) for t in token_times) / max(t_end - max(firsts), 1e-9),
+        ttft_s_mean=float(np.mean(firsts) - t0), tpot_ms_p50=float(np.percentile(gaps, 50)),
+        tpot_ms_p95=float(np.percentile(gaps, 95)), peak_rss_mib=_rss_mib("VmHWM"), kv_bytes=int(kv_bytes))
+
+
+def run_ours(pipe, prompts: list[list[int]], new_tokens: int) -> BenchResult:
+    from .config import GenerationConfig
+    engine = pipe.engine
+    cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    seqs = [engine.add_request(p, cfg) for p in prompts]
+    peak_blocks = 0
+    while engine.has_unfinished:
+        engine.step()
+        peak_blocks = max(peak_blocks, engine.blocks.num_used_blocks)
+    t_end = time.perf_counter()
+    return _summarize("ours", prompts, new_tokens, t0, t_end, [s.token_times for s in seqs],
+                      peak_blocks * engine.runner.layout.bytes_per_block)
+
+
+def run_native(cb, prompts: list[list[int]], new_tokens: int) -> BenchResult:
+    import openvino as ov
+    import openvino_genai as ov_genai
+    gc = ov_genai.GenerationConfig()
+    gc.max_new_tokens = new_tokens
+    gc.ignore_eos = True
+    gc.apply_chat_template = False
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    handles = [cb.add_request(i, ov.Tensor(np.array([p], dtype=np.int64)), gc) for i, p in enumerate(prompts)]
+    times: list[list[float]] = [[] for _ in prompts]
+    max_usage = 0.0
+    while cb.has_non_finished_requests():
+        cb.step()
+        now = time.perf_counter()
+        max_usage = max(max_usage, cb.get_metrics().cache_usage)
+        for i, h in enumerate(handles):
+            if h.can_read():
+                for out in h.read().values():
+                    times[i] += [now] * len(out.generated_ids)
+    t_end = time.perf_counter()
+    total = cb.get_metrics().kv_cache_size_in_bytes
+    return _summarize("native", prompts, new_tokens, t0, t_end, times, max_usage / 100 * total)
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def run_bench(args: argparse.Namespace) -> list[BenchResult]:
+    from tqdm import tqdm
+
+    from .cli import _model_dir, _scheduler_config
+    from .pipeline import LLMPipeline
+
+    model_dir = _model_dir(args.model)
+    sched = _scheduler_config(args)
+    ours = native = None
+    if args.backend in ("ours", "compare"):
+        ours = LLMPipeline(model_dir, args.device, scheduler_config=sched)
+    if args.backend in ("native", "compare"):
+        import openvino_genai as ov_genai
+        sc = ov_genai.SchedulerConfig()
+        sc.cache_size = max(1, int(round(sched.cache_size)))
+        sc.num_kv_blocks = sched.num_kv_blocks
+        sc.max_num_batched_tokens = sched.max_num_batched_tokens
+        sc.max_num_seqs = sched.max_num_seqs
+        props = {"KV_CACHE_PRECISION": sched.kv_cache_precision} if sched.kv_cache_precision else {}
+        native = ov_genai.ContinuousBatchingPipeline(str(model_dir), sc, args.device, props)
+    tokenizer = (ours.tokenizer if ours else None) or __import__("kvcrush_ov.pipeline", fromlist=["Tokenizer"]).Tokenizer(model_dir)
+    grid = [(p, c, n) for p in _ints(args.prompt_tokens) for c in _ints(args.concurrency) for n in _ints(args.new_tokens)]
+    results: list[BenchResult] = []
+    # Warm-up (first inference compiles kernels) on both backends.
+    warm = synthetic_prompts(tokenizer, 64, 1, seed=99)
+    if ours:
+        run_ours(ours, warm, 4)
+    if native:
+        run_native(native, warm, 4)
+    for rep in tqdm(range(args.repeats), desc="bench", disable=args.repeats == 1):
+        for p, c, n in grid:
+            prompts = synthetic_prompts(tokenizer, p, c, seed=rep)
+            if ours:
+                results.append(run_ours(ours, prompts, n))
+            if native:
+                results.append(run_native(native, prompts, n))
+    _print_table(results)
+    report = {"model": str(model_dir), "device": args.device, "scheduler": {
+        "cache_size": sched.cache_size, "max_num_batched_tokens": sched.max_num_batched_tokens,
+        "kv_cache_precision": ours.engine.runner.layout.precision if ours else sched.kv_cache_precision},
+        "results": [asdict(r) for r in results], "ratios": _ratios(results)}
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return results
+
+
+def _ratios(results: list[BenchResult]) -> list[dict]:
+    out = []
+    keys = sorted({(r.prompt_tokens, r.concurrency, r.new_tokens) for r in results})
+    for k in keys:
+        o = [r for r in results if (r.prompt_tokens, r.concurrency, r.new_tokens) == k and r.backend == "ours"]
+        n = [r for r in results if (r.prompt_tokens, r.concurrency, r.new_tokens) == k and r.backend == "native"]
+        if o and n:
+            out.append({"prompt_tokens": k[0], "concurrency": k[1], "new_tokens": k[2],
+                        "e2e_throughput_ours_over_native": float(np.median([r.e2e_tok_s for r in o]) /
+                                                                 np.median([r.e2e_tok_s for r in n]))})
+    return out
+
+
+def _print_table(results: list[BenchResult]) -> None:
+    head = ("backend", "prompt", "conc", "new", "s", "e2e tok/s", "prefill tok/s", "decode tok/s", "TTFT s",
+            "TPOT p50 ms", "TPOT p95 ms", "peak RSS MiB", "KV MiB")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in results:
+        print(f"| {r.backend} | {r.prompt_tokens} | {r.concurrency} | {r.new_tokens} | {r.seconds:.1f} | "
+              f"{r.e2e_tok_s:.0f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | {r.ttft_s_mean:.2f} | "
+              f"{r.tpot_ms_p50:.1f} | {r.tpot_ms_p95:.1f} | {r.peak_rss_mib:.0f} | {r.kv_bytes / 2**20:.1f} |")
+    for r in _ratios(results):
+        print(f"ours/native e2e throughput ({r['prompt_tokens']} x {r['concurrency']} + {r['new_tokens']}): "
+              f"{r['e2e_throughput_ours_over_native']:.3f}")
