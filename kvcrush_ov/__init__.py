@@ -1,8 +1,9 @@
 """kvcrush-ov: KV-cache compression (KVCrush and baselines) for LLM inference on OpenVINO."""
 from .config import GenerationConfig, SchedulerConfig
+from .eviction_config import CacheEvictionConfig
 from .errors import CacheCapacityError, ConfigError, KVCrushError, ModelError, PromptError
 from .pipeline import DecodedResults, LLMPipeline, Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["LLMPipeline", "GenerationConfig", "SchedulerConfig", "DecodedResults", "Tokenizer",
+__all__ = ["LLMPipeline", "GenerationConfig", "SchedulerConfig", "CacheEvictionConfig", "DecodedResults", "Tokenizer",
            "KVCrushError", "ModelError", "ConfigError", "PromptError", "CacheCapacityError"]

@@ -5,5 +5,7 @@ OpenVINO graphs and nothing of scheduling.
 """
 from .paged import PagedModelInfo, make_paged_model
 from .gather_logits import gather_logits_before_lm_head
+from .per_head_scores import expose_queries, paged_attention_nodes
 
-__all__ = ["PagedModelInfo", "make_paged_model", "gather_logits_before_lm_head"]
+__all__ = ["PagedModelInfo", "make_paged_model", "gather_logits_before_lm_head", "expose_queries",
+           "paged_attention_nodes"]

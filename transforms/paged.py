@@ -15,6 +15,7 @@ class PagedModelInfo:
     """What the engine needs to know about the transformed graph."""
 
     num_layers: int
+    q_width: int   # num_q_heads * head_size
     kv_width: int  # num_kv_heads * head_size (the cache tensors' head axis is only known after compile)
     has_score_outputs: bool
     has_per_layer_block_indices: bool
@@ -46,6 +47,7 @@ def make_paged_model(model: ov.Model, *, score_outputs: bool = True, gather_logi
     k_shape = pa_nodes[0].input(1).get_partial_shape()  # new keys [T, num_kv_heads * head_size]
     return PagedModelInfo(
         num_layers=len(key_caches),
+        q_width=pa_nodes[0].input(0).get_partial_shape()[1].get_length(),
         kv_width=k_shape[1].get_length(),
         has_score_outputs=score_outputs,
         has_per_layer_block_indices=True,

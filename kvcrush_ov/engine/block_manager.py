@@ -32,6 +32,7 @@ class BlockManager:
 
     @property
     def num_used_blocks(self) -> int:
+        """(layer, block) pairs in use, summed over layers: times a per-layer block size gives bytes."""
         return int((self._ref > 0).sum())
 
     def table(self, seq_id: int, layer: int) -> list[int]:

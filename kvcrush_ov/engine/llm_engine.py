@@ -15,6 +15,9 @@ import numpy as np
 
 from ..config import GenerationConfig, SchedulerConfig
 from ..errors import CacheCapacityError, KVCrushError, PromptError
+from ..eviction_config import CacheEvictionConfig
+from .eviction import Evictor
+from .kv_cache import TOKEN_ROW_PRECISIONS
 from .model_runner import ModelRunner
 from .sampler import greedy_batch, sample
 from .scheduler import Scheduler
@@ -36,16 +39,25 @@ class LLMEngine:
                  properties: dict | None = None, decode: Decode | None = None,
                  eos_token_ids: frozenset[int] = frozenset()) -> None:
         self.config = SchedulerConfig.from_any(scheduler_config)
-        self.runner = ModelRunner(model_dir, device, cache_size_gb=self.config.cache_size,
-                                  num_kv_blocks=self.config.num_kv_blocks,
-                                  kv_cache_precision=self.config.kv_cache_precision, properties=properties)
+        evicting = self.config.cache_eviction_config is not None
+        self.runner = self._make_runner(model_dir, device, properties, self.config.kv_cache_precision, evicting)
+        if evicting and self.config.kv_cache_precision is None and self.runner.layout.precision not in TOKEN_ROW_PRECISIONS:
+            # Compaction moves token rows; the device's default (e.g. u8 with per-block key scales) has none.
+            self.runner = self._make_runner(model_dir, device, properties, "f16", evicting)
         self.blocks = self.runner.make_block_manager()
+        eviction = CacheEvictionConfig.from_any(self.config.cache_eviction_config, self.runner.block_size)
+        self.evictor = Evictor(eviction, self.runner, self.blocks) if eviction is not None else None
         self.scheduler = Scheduler(self.blocks, self.config.max_num_batched_tokens, self.config.max_num_seqs)
         self.decode = decode
         self.eos_token_ids = eos_token_ids
         self._ids = itertools.count()
         self.sequences: dict[int, Sequence] = {}
         self.last_step: StepStats | None = None
+
+    def _make_runner(self, model_dir, device, properties, precision, evicting) -> ModelRunner:
+        return ModelRunner(model_dir, device, cache_size_gb=self.config.cache_size,
+                           num_kv_blocks=self.config.num_kv_blocks, kv_cache_precision=precision,
+                           properties=properties, expose_queries=evicting)
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int] | np.ndarray, config: GenerationConfig,
@@ -58,7 +70,10 @@ class LLMEngine:
         if max_pos and len(ids) + config.max_new_tokens > max_pos:
             raise PromptError(f"prompt ({len(ids)} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the "
                               f"model's maximum position {max_pos}; shorten the prompt or lower max_new_tokens")
-        need = self.blocks.blocks_for(len(ids) + config.max_new_tokens)
+        most = len(ids) + config.max_new_tokens
+        if self.evictor is not None:  # the whole prompt is in cache once, then at most budget + a block
+            most = min(most, max(len(ids) + 1, self.evictor.budget + self.blocks.block_size))
+        need = self.blocks.blocks_for(most)
         if need > self.blocks.num_blocks:
             raise CacheCapacityError(
                 f"one request needs {need} KV blocks ({len(ids)} prompt + {config.max_new_tokens} new tokens) but the "
@@ -90,12 +105,15 @@ class LLMEngine:
             if self.scheduler.has_work:
                 raise KVCrushError("no request could be scheduled (KV pool too small for any waiting request)")
             return []
-        self.runner.copy_blocks(out.block_copies)
+        self.runner.kv.copy_blocks(out.block_copies)
         logits = self.runner.run(out.chunks, self.blocks)
+        if self.evictor is not None:
+            self.evictor.observe(out.chunks)
         sampling = [c.seq for c in out.chunks if c.samples]
         for c in out.chunks:
             c.seq.num_computed += c.num_tokens
             c.seq.cache_len += c.num_tokens
+            c.seq.peak_cache_len = max(c.seq.peak_cache_len, c.seq.cache_len)
         greedy = greedy_batch(logits) if all(not s.config.do_sample for s in sampling) else None
         now = time.perf_counter()
         for row, seq in enumerate(sampling):
@@ -110,6 +128,9 @@ class LLMEngine:
             seq.token_times.append(now)
             self._check_stop(seq, token)
             self._stream(seq)
+        if self.evictor is not None:
+            for c in out.chunks:
+                self.evictor.maybe_evict(c.seq)
         n_prefill = sum(c.num_tokens for c in out.chunks if c.num_tokens > 1 or not c.samples)
         self.last_step = StepStats(out.num_tokens, n_prefill, len(out.chunks) - sum(
             1 for c in out.chunks if c.num_tokens > 1 or not c.samples), time.perf_counter() - t0)

@@ -18,27 +18,10 @@ import openvino as ov
 from .. import transforms
 from ..errors import CacheCapacityError, ModelError
 from .block_manager import BlockManager
+from .kv_cache import KVCache
 from .scheduler import ScheduledChunk
 
 _PRECISIONS = {"f32": ov.Type.f32, "f16": ov.Type.f16, "u8": ov.Type.u8, "u4": ov.Type.u4}
-_PRECISION_NAMES = {ov.Type.f32: "f32", ov.Type.f16: "f16", ov.Type.bf16: "bf16", ov.Type.u8: "u8",
-                    ov.Type.i8: "i8", ov.Type.u4: "u4"}
-
-
-@dataclass(frozen=True)
-class CacheLayout:
-    """How one layer's KV block is stored, as compiled (dims exclude the block axis)."""
-
-    precision: str            # "f32", "f16", "bf16", "u8", "u4"
-    key_shape: tuple[int, ...]    # e.g. (Hkv, 32, hd) for f16, (Hkv, 32+8, hd) for u8 by-channel keys
-    value_shape: tuple[int, ...]  # e.g. (Hkv, 32, hd) for f16, (Hkv, 32, hd+8) for u8
-    bits: int                 # bits per stored element
-    block_size: int
-
-    @property
-    def bytes_per_block(self) -> int:
-        """Key + value bytes of one block of one layer, scales and zero-points included."""
-        return int(np.prod(self.key_shape) + np.prod(self.value_shape)) * self.bits // 8
 
 
 def read_model_dir(model_dir: str | Path) -> tuple[Path, dict]:
@@ -60,7 +43,8 @@ def read_model_dir(model_dir: str | Path) -> tuple[Path, dict]:
 class ModelRunner:
     def __init__(self, model_dir: str | Path, device: str = "CPU", *, cache_size_gb: float = 1.0,
                  num_kv_blocks: int = 0, kv_cache_precision: str | None = None,
-                 properties: dict | None = None, core: ov.Core | None = None) -> None:
+                 properties: dict | None = None, core: ov.Core | None = None,
+                 expose_queries: bool = False) -> None:
         self.model_dir, self.hf_config = read_model_dir(model_dir)
         self.core = core or ov.Core()
         try:
@@ -71,6 +55,8 @@ class ModelRunner:
             raise ModelError(f"{self.model_dir} is not a stateful model with ScaledDotProductAttention; re-export "
                              f"it with `optimum-cli export openvino --task text-generation-with-past` (SDPA on)")
         self.info = transforms.make_paged_model(model)
+        self.softmax_scales = (transforms.expose_queries(model, self._config_head_size())
+                               if expose_queries else [])
         props = dict(properties or {})
         if kv_cache_precision is not None:
             props["KV_CACHE_PRECISION"] = _PRECISIONS[kv_cache_precision]
@@ -84,49 +70,37 @@ class ModelRunner:
         self.request = self.compiled.create_infer_request()
         self.input_names = {name for i in self.compiled.inputs for name in i.get_names()}
         self.num_layers = self.info.num_layers
-        self.layout = self._read_layout()
+        self.num_blocks = num_kv_blocks or self._blocks_for_gb(cache_size_gb)
+        self.kv = KVCache(self.compiled, self.request, self.num_layers, self.num_blocks)
+        self.layout = self.kv.layout
         self.block_size = self.layout.block_size
-        self.num_kv_heads = self.layout.key_shape[0]
+        self.num_kv_heads = self.layout.num_kv_heads
         self.head_size = self.info.kv_width // self.num_kv_heads
-        self.bytes_per_block = self.layout.bytes_per_block * self.num_layers
-        if num_kv_blocks <= 0:
-            num_kv_blocks = int(cache_size_gb * 2**30) // self.bytes_per_block
-        if num_kv_blocks < 1:
-            raise CacheCapacityError(f"cache_size {cache_size_gb} GB holds no KV block "
-                                     f"({self.bytes_per_block} bytes each); raise cache_size or num_kv_blocks")
-        self.num_blocks = num_kv_blocks
-        # OpenVINO allocates the pool (untouched pages stay unmapped, so RSS grows with use); we keep
-        # numpy views of the raw storage for block copies and compaction.
-        self._tensors: dict[str, ov.Tensor] = {}
-        for layer in range(self.num_layers):
-            for name, dims in ((f"key_cache.{layer}", self.layout.key_shape), (f"value_cache.{layer}", self.layout.value_shape)):
-                tensor = ov.Tensor(self.compiled.input(name).get_element_type(), [self.num_blocks, *dims])
-                self.request.set_tensor(name, tensor)
-                self._tensors[name] = tensor
-        self.key_cache = [self._tensors[f"key_cache.{i}"].data for i in range(self.num_layers)]
-        self.value_cache = [self._tensors[f"value_cache.{i}"].data for i in range(self.num_layers)]
+        self.num_q_heads = self.info.q_width // self.head_size
+        self.bytes_per_block = self.kv.bytes_per_block
         self.max_position = int(self.hf_config.get("max_position_embeddings", 0)) or None
 
-    # -- layout ------------------------------------------------------------------------------------
-    @staticmethod
-    def _static_dims(port: ov.ConstOutput) -> tuple[int, ...]:
-        shape = port.get_partial_shape()
-        return tuple(shape[i].get_length() for i in range(1, shape.rank.get_length()))
+    def _config_head_size(self) -> int:
+        c = self.hf_config
+        return int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]) if c else 0
 
-    def _read_layout(self) -> CacheLayout:
+    def _blocks_for_gb(self, cache_size_gb: float) -> int:
         key, value = self.compiled.input("key_cache.0"), self.compiled.input("value_cache.0")
-        et = key.get_element_type()
-        key_shape, value_shape = self._static_dims(key), self._static_dims(value)
-        return CacheLayout(precision=_PRECISION_NAMES.get(et, str(et)), key_shape=key_shape, value_shape=value_shape,
-                           bits=et.bitwidth, block_size=value_shape[1])
+        per_block = sum(int(np.prod([p.get_partial_shape()[i].get_length() for i in range(1, 4)]))
+                        for p in (key, value)) * key.get_element_type().bitwidth // 8 * self.num_layers
+        n = int(cache_size_gb * 2**30) // per_block
+        if n < 1:
+            raise CacheCapacityError(f"cache_size {cache_size_gb} GB holds no KV block ({per_block} bytes "
+                                     f"each); raise cache_size or num_kv_blocks")
+        return n
 
     def make_block_manager(self) -> BlockManager:
         return BlockManager(self.num_blocks, self.num_layers, self.block_size)
 
-    def copy_blocks(self, copies: Seq[tuple[int, int, int]]) -> None:
-        for layer, src, dst in copies:
-            self.key_cache[layer][dst] = self.key_cache[layer][src]
-            self.value_cache[layer][dst] = self.value_cache[layer][src]
+    def queries(self, layer: int) -> np.ndarray:
+        """Post-RoPE queries of every token of the last step, [T, Hq, hd] (needs expose_queries)."""
+        q = self.request.get_tensor(f"queries.{layer}").data
+        return q.reshape(q.shape[0], -1, self.head_size)
 
     # -- one step ----------------------------------------------------------------------------------
     def run(self, chunks: list[ScheduledChunk], blocks: BlockManager) -> np.ndarray:

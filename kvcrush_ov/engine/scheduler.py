@@ -119,5 +119,6 @@ class Scheduler:
         seq.status = Status.WAITING
         seq.num_computed = 0
         seq.cache_len = 0
+        seq.kv_state = None
         seq.num_preemptions += 1
         out.preempted.append(seq)

@@ -22,6 +22,22 @@ from kvcrush_ov.eval.metrics import mean_and_ci, score
 from kvcrush_ov.eval.ruler_mini import DEFAULT_TASKS, FAITHFULNESS_TASKS, ruler_mini
 
 DEFAULT_MODEL = os.path.expanduser("~/.cache/kvcrush-ov/models/smollm2-135m-fp16")
+NOTES = """
+## Design choices measured on SmolLM2-135M-Instruct (full cache, 1024 tokens, 4 samples)
+
+- Every task puts the question after the haystack and gives the assistant turn an answer prefix
+  ("The pass key is"); without them the 135M model rambles.
+- niah_multikey uses 4 keys (a colour + an object each, distinct objects); earlier lookups among
+  60 similar facts failed (models.md), 4 works.
+- cwe was resized: RULER's shape (several common words, "the top 3") scored 17 (it lists the first
+  words of the list or synonyms); one common word at 15% of the entries scored 25, at 30% scored 50
+  (an un-numbered comma-separated list: 17). Now: one word at 30%, numbered list, 9 new tokens.
+- vt keeps RULER's single chain (2 hops, 3 variables) in noise; 1 hop scored about the same. With
+  one chain, every VAR name in the prompt is an answer, so it is multi-needle retrieval of names.
+- fwe keeps Zipf(2) coded words, top 3 asked: the dominant word is usually found (partial credit).
+- Scores with `contains` give partial credit per answer (multivalue, multiquery, vt, fwe).
+"""
+
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README_TASKS.md")
 
 
@@ -123,6 +139,7 @@ over the n samples. "input tokens" include the chat template and answer prefix.
 
 {md}
 """)
+            f.write(NOTES)
             if faith:
                 f.write(f"""
 The faithfulness tasks ({faith}) are scored here by ROUGE-L against a weak reference (covered

@@ -226,9 +226,7 @@ def _natural_haystack(rng: random.Random, needles_fn):
     start = rng.randrange(len(_sentence_stream()))
 
     def hay(n: int) -> str:
-        units = _natural_units(start, n)
-        marked = [(m, s, e) for m, s, e in units]
-        items = _insert(marked, [(d, ("", t, False)) for d, t in needles_fn()])
+        items = _insert(_natural_units(start, n), [(d, ("", t, False)) for d, t in needles_fn()])
         return _join_natural(items)
 
     return hay, start
@@ -366,9 +364,22 @@ def _top_k_strict(seq: list[str], k: int) -> list[str] | None:
     return [w for w, _ in counts[:k]]
 
 
-def cwe(rng, length, count_tokens, n_common: int = 3, share: float = 0.08):
-    """Common-word extraction: a numbered word list in which `n_common` words each make up
-    `share` of the entries and every other word appears rarely (cycled through the vocabulary)."""
+def _top_words_text(k: int, what: str) -> tuple[str, str]:
+    """(question, answer prefix) asking for the k most frequent `what`s."""
+    if k == 1:
+        return (f"Question: what is the most common {what} in the list above? Answer with one word.",
+                f"The most common {what} in the list is")
+    return (f"Question: what are the {k} most common {what}s in the list above?",
+            f"The {k} most common {what}s in the list are:")
+
+
+def cwe(rng, length, count_tokens, n_common: int = 1, share: float = 0.3):
+    """Common-word extraction: a numbered word list in which each of `n_common` words makes up
+    `share` of the entries and every other word appears rarely (cycled through the vocabulary).
+
+    Resized for SmolLM2-135M (full cache, 1024 tokens, n=4): RULER's shape (several common words,
+    asked for the top 3) scored 17 with share 0.08-0.15; one common word at share 0.15 scored 25,
+    at 0.3 scored 50 (an un-numbered comma list: 17)."""
     words = rng.sample(WORDS, len(WORDS))
     common, rare = words[:n_common], words[n_common:]
     cap = max(64, 8 * length)
@@ -383,15 +394,14 @@ def cwe(rng, length, count_tokens, n_common: int = 3, share: float = 0.08):
                 rng.shuffle(rare)
     intro = ("Below is a numbered list of words. Some words appear many more times than the others. "
              "Memorize the ones that appear most often.")
-    q = f"Question: what are the {n_common} most common words in the list above?"
+    q, prefix = _top_words_text(n_common, "word")
     body = lambda n: "\n".join(f"{i + 1}. {w}" for i, w in enumerate(seq[:n]))  # noqa: E731
     n, prompt, toks = _fit(lambda n: f"{intro}\n\n{body(n)}\n\n{q}", length, count_tokens, "cwe", hint=64)
     top = _top_k_strict(seq[:n], n_common)
     if top is None or set(top) != set(common):
         raise ConfigError(f"length {length} is too short for task 'cwe' (its common words do not stand out)")
-    return dict(prompt=prompt, answers=common, metric="contains", max_new_tokens=24,
-                answer_prefix=f"The {n_common} most common words in the list are:",
-                meta=dict(entries=n, tokens=toks))
+    return dict(prompt=prompt, answers=common, metric="contains", max_new_tokens=4 + 5 * n_common,
+                answer_prefix=prefix, meta=dict(entries=n, tokens=toks))
 
 
 def _pseudo_words(rng: random.Random, k: int) -> list[str]:
@@ -423,15 +433,15 @@ def fwe(rng, length, count_tokens, n_top: int = 3, vocab: int = 60, alpha: float
     raise ConfigError(f"length {length} is too short for task 'fwe' (no clear top {n_top} words)")
 
 
-def _doc_from(rng) -> tuple[int, list]:
-    starts = _module_starts()
-    return rng.choice(starts), starts
+def _doc_start(rng) -> int:
+    """A random module's first sentence: documents start at a module boundary."""
+    return rng.choice(_module_starts())
 
 
 def faith_summarize(rng, length, count_tokens):
     """Faithfulness: summarize natural documentation; compare against the full-cache output
     (the reference answer, the covered modules' one-line summaries, is only a weak anchor)."""
-    start, _ = _doc_from(rng)
+    start = _doc_start(rng)
     q = "Summarize the documentation above in two or three sentences."
     intro = "Read the following documentation."
     n, prompt, toks = _fit(lambda n: f"{intro}\n\n{_join_natural(_natural_units(start, n))}\n\n{q}",
@@ -445,7 +455,7 @@ def faith_summarize(rng, length, count_tokens):
 def faith_continue(rng, length, count_tokens, ref_words: int = 40):
     """Faithfulness: raw (no chat) continuation of natural documentation; the reference is the
     true next ~40 words; compare mainly against the full-cache output."""
-    start, _ = _doc_from(rng)
+    start = _doc_start(rng)
     n, prompt, toks = _fit(lambda n: _join_natural(_natural_units(start, n)), length, count_tokens,
                            "faith_continue", hint=32)
     nxt, k = [], n
@@ -453,7 +463,7 @@ def faith_continue(rng, length, count_tokens, ref_words: int = 40):
         nxt.append(_natural_units(start + k, 1)[0][1])
         k += 1
     ref = " ".join(" ".join(nxt).split()[:ref_words])
-    return dict(prompt=prompt + " ", answers=[ref], metric="rouge_l", max_new_tokens=48, chat=False,
+    return dict(prompt=prompt, answers=[ref], metric="rouge_l", max_new_tokens=48, chat=False,
                 meta=dict(units=n, tokens=toks))
 
 

@@ -1,0 +1,101 @@
+"""The KV block pool tensors (one key and one value tensor per layer) and the three things done to
+them outside the kernel: copy a block (copy-on-write), read a sequence's keys (scoring), and compact
+kept slots to the front of a sequence's blocks (eviction)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import openvino as ov
+
+from ..errors import ConfigError
+
+PRECISION_NAMES = {ov.Type.f32: "f32", ov.Type.f16: "f16", ov.Type.bf16: "bf16", ov.Type.u8: "u8",
+                   ov.Type.i8: "i8", ov.Type.u4: "u4"}
+TOKEN_ROW_PRECISIONS = ("f32", "f16", "bf16")  # one row per token: compaction is a row copy
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """How one layer's KV block is stored, as compiled (dims exclude the block axis)."""
+
+    precision: str                # "f32", "f16", "bf16", "u8", "u4"
+    key_shape: tuple[int, ...]    # (Hkv, 32, hd) for floats; (Hkv, 32+8, hd) for u8 by-channel keys
+    value_shape: tuple[int, ...]  # (Hkv, 32, hd) for floats; (Hkv, 32, hd+8) for u8
+    bits: int                     # bits per stored element
+    block_size: int
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Key + value bytes of one block of one layer, scales and zero-points included."""
+        return int(np.prod(self.key_shape) + np.prod(self.value_shape)) * self.bits // 8
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key_shape[0]
+
+
+def _to_f32(x: np.ndarray, precision: str) -> np.ndarray:
+    if precision == "bf16":  # OpenVINO hands bf16 storage out as a 2-byte dtype: reinterpret the bits
+        return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32, copy=False)
+
+
+class KVCache:
+    def __init__(self, compiled: ov.CompiledModel, request: ov.InferRequest, num_layers: int, num_blocks: int) -> None:
+        key, value = compiled.input("key_cache.0"), compiled.input("value_cache.0")
+        dims = lambda port: tuple(port.get_partial_shape()[i].get_length() for i in range(1, 4))  # noqa: E731
+        et = key.get_element_type()
+        self.layout = CacheLayout(PRECISION_NAMES.get(et, str(et)), dims(key), dims(value), et.bitwidth, dims(value)[1])
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        # OpenVINO allocates the pool (untouched pages stay unmapped, so RSS grows with use); we keep
+        # numpy views of the raw storage.
+        self._tensors = []
+        for layer in range(num_layers):
+            for name, shape in ((f"key_cache.{layer}", self.layout.key_shape), (f"value_cache.{layer}", self.layout.value_shape)):
+                tensor = ov.Tensor(compiled.input(name).get_element_type(), [num_blocks, *shape])
+                request.set_tensor(name, tensor)
+                self._tensors.append(tensor)
+        self.keys = [t.data for t in self._tensors[0::2]]
+        self.values = [t.data for t in self._tensors[1::2]]
+
+    @property
+    def bytes_per_block(self) -> int:
+        """All layers."""
+        return self.layout.bytes_per_block * self.num_layers
+
+    def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
+        for layer, src, dst in copies:
+            self.keys[layer][dst] = self.keys[layer][src]
+            self.values[layer][dst] = self.values[layer][src]
+
+    def _slots(self, table: list[int], slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        bs = self.layout.block_size
+        return np.asarray(table, dtype=np.int64)[slots // bs], slots % bs
+
+    def read_keys(self, layer: int, table: list[int], num_slots: int) -> np.ndarray:
+        """Keys of slots 0..num_slots-1 of one sequence, f32 [Hkv, num_slots, hd]."""
+        self.require_token_rows("per-head scoring")
+        blocks = np.asarray(table[: -(-num_slots // self.layout.block_size)], dtype=np.int64)
+        k = self.keys[layer][blocks]                       # [nb, Hkv, bs, hd]
+        k = k.transpose(1, 0, 2, 3).reshape(k.shape[1], -1, k.shape[3])[:, :num_slots]
+        return _to_f32(k, self.layout.precision)
+
+    def compact(self, layer: int, table: list[int], keep: np.ndarray) -> None:
+        """Move kept slots keep[h] (sorted, [Hkv, n]) of each KV head to slots 0..n-1, in order.
+
+        Kept keys keep their RoPE rotation (their original positions), so nothing is recomputed."""
+        self.require_token_rows("eviction")
+        hkv, n = keep.shape
+        heads = np.arange(hkv)[:, None]
+        src_block, src_off = self._slots(table, keep)
+        dst_block, dst_off = self._slots(table, np.broadcast_to(np.arange(n), (hkv, n)))
+        for cache in (self.keys[layer], self.values[layer]):
+            rows = cache[src_block, heads, src_off]       # gather first (a copy): safe to overwrite
+            cache[dst_block, heads, dst_off] = rows
+
+    def require_token_rows(self, what: str) -> None:
+        if self.layout.precision not in TOKEN_ROW_PRECISIONS:
+            raise ConfigError(f"{what} needs a float KV cache (f32/f16/bf16), the compiled cache is "
+                              f"{self.layout.precision}; set SchedulerConfig(kv_cache_precision='f16')")

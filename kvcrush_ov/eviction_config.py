@@ -1,0 +1,87 @@
+"""CacheEvictionConfig: which policy, what budget, when to evict.
+
+Budget = KV tokens kept per sequence per layer INCLUDING sinks, the recent window and KVCrush
+representatives, so equal budget means equal KV memory across policies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .policies import POLICIES, Policy, make_policy
+
+# Window of the newest queries scored for policies that accumulate attention (H2O): they have no
+# SnapKV window of their own, and scoring every query of a long prompt per head is O(T^2).
+DEFAULT_ACCUMULATION_WINDOW = 32
+
+
+@dataclass
+class CacheEvictionConfig:
+    """policy: a registry name (full, streaming, h2o, snapkv, pyramidkv, kvcrush, kvcrush-block) or a
+    Policy instance; options: keyword options for the named policy (e.g. sink_tokens, recent_tokens,
+    window, representative_fraction, anchors, threshold, base)."""
+
+    policy: str | Policy = "kvcrush"
+    budget: int = 512
+    options: dict[str, Any] = field(default_factory=dict)
+    evict_during_decode: bool = True
+    score_window: int = 0  # queries scored per eviction; 0 = the policy's window (or 32 if it accumulates)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1:
+            raise ConfigError(f"CacheEvictionConfig.budget must be an integer >= 1 (KV tokens kept per sequence "
+                              f"per layer), got {self.budget!r}")
+        if not isinstance(self.score_window, int) or self.score_window < 0:
+            raise ConfigError(f"CacheEvictionConfig.score_window must be an integer >= 0, got {self.score_window!r}")
+        if isinstance(self.policy, str) and self.policy not in POLICIES:
+            raise ConfigError(f"unknown policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
+        self.make_policy().check_budget(self.budget)  # budget >= sinks + recent, options valid
+
+    def make_policy(self) -> Policy:
+        if isinstance(self.policy, Policy):
+            if self.options:
+                raise ConfigError("CacheEvictionConfig.options apply to a policy given by name, not an instance")
+            return self.policy
+        return make_policy(self.policy, **self.options)
+
+    @property
+    def window(self) -> int:
+        """How many of the newest queries are scored per head at each eviction."""
+        policy = self.make_policy()
+        if self.score_window:
+            return self.score_window
+        if policy.score_source == "none":
+            return 0
+        return policy.window or DEFAULT_ACCUMULATION_WINDOW
+
+    @classmethod
+    def from_any(cls, config: Any, block_size: int = 32) -> "CacheEvictionConfig | None":
+        if config is None or isinstance(config, cls):
+            return config
+        if isinstance(config, dict):
+            try:
+                return cls(**config)
+            except TypeError as e:
+                raise ConfigError(f"bad cache_eviction_config: {e}") from None
+        if type(config).__name__ == "CacheEvictionConfig":  # openvino_genai's
+            return cls.from_openvino_genai(config, block_size)
+        raise ConfigError(f"cache_eviction_config must be a CacheEvictionConfig, dict or None, "
+                          f"not {type(config).__name__}")
+
+    @classmethod
+    def from_openvino_genai(cls, cfg: Any, block_size: int = 32) -> "CacheEvictionConfig":
+        """Translate openvino_genai.CacheEvictionConfig. Its KVCrush blocks sit ON TOP of
+        max_cache_size; our budget includes them, so the budget grows by those blocks (equal memory)."""
+        start, recent, max_size = cfg.get_start_size(), cfg.get_recent_size(), cfg.get_max_cache_size()
+        window = int(cfg.snapkv_window_size)
+        crush_blocks = int(cfg.kvcrush_config.budget) if cfg.kvcrush_config is not None else 0
+        common = {"sink_tokens": start, "recent_tokens": recent}
+        if crush_blocks > 0:
+            anchor = str(cfg.kvcrush_config.anchor_point_mode).split(".")[-1].lower()
+            return cls("kvcrush-block", max_size + crush_blocks * block_size,
+                       {**common, "block_size": block_size, "budget_blocks": crush_blocks,
+                        "window": min(window, recent), "anchor": anchor, "seed": int(cfg.kvcrush_config.rng_seed)})
+        if window > 0:
+            return cls("snapkv", max_size, {**common, "window": min(window, recent)})
+        return cls("h2o", max_size, common)
