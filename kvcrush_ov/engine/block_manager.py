@@ -75,6 +75,23 @@ class BlockManager:
                 table.append(block)
         return copies
 
+    def make_private(self, seq_id: int, num_slots: int) -> list[tuple[int, int, int]]:
+        """Give the sequence its own copy of every shared block among those holding slots
+        0..num_slots-1 (before compaction writes there). Returns the (layer, src, dst) copies to do."""
+        copies = []
+        for layer, table in enumerate(self.tables[seq_id]):
+            for i in range(min(len(table), self.blocks_for(num_slots))):
+                src = table[i]
+                if self._ref[layer, src] > 1:
+                    if not self._free[layer]:
+                        raise KVCrushError(f"KV pool exhausted in layer {layer} while un-sharing a forked block")
+                    dst = self._free[layer].pop()
+                    self._ref[layer, src] -= 1
+                    self._ref[layer, dst] = 1
+                    table[i] = dst
+                    copies.append((layer, src, dst))
+        return copies
+
     def trim(self, seq_id: int, num_slots_per_layer: np.ndarray | list[int]) -> None:
         """After compaction: release the tail blocks a layer no longer needs."""
         for layer, (table, n) in enumerate(zip(self.tables[seq_id], num_slots_per_layer)):

@@ -16,7 +16,7 @@ import numpy as np
 from ..config import GenerationConfig, SchedulerConfig
 from ..errors import CacheCapacityError, KVCrushError, PromptError
 from ..eviction_config import CacheEvictionConfig
-from .eviction import Evictor
+from .eviction import EvictionPlan, Evictor
 from .kv_cache import TOKEN_ROW_PRECISIONS
 from .model_runner import ModelRunner
 from .sampler import greedy_batch, sample
@@ -37,16 +37,18 @@ class StepStats:
 class LLMEngine:
     def __init__(self, model_dir: str | Path, device: str = "CPU", scheduler_config: SchedulerConfig | None = None,
                  properties: dict | None = None, decode: Decode | None = None,
-                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+                 eos_token_ids: frozenset[int] = frozenset(), enable_eviction: bool = False) -> None:
+        """enable_eviction: build for per-request eviction even without a default cache_eviction_config."""
         self.config = SchedulerConfig.from_any(scheduler_config)
-        evicting = self.config.cache_eviction_config is not None
+        evicting = enable_eviction or self.config.cache_eviction_config is not None
         self.runner = self._make_runner(model_dir, device, properties, self.config.kv_cache_precision, evicting)
         if evicting and self.config.kv_cache_precision is None and self.runner.layout.precision not in TOKEN_ROW_PRECISIONS:
             # Compaction moves token rows; the device's default (e.g. u8 with per-block key scales) has none.
             self.runner = self._make_runner(model_dir, device, properties, "f16", evicting)
         self.blocks = self.runner.make_block_manager()
+        self.evictor = Evictor(self.runner, self.blocks)
         eviction = CacheEvictionConfig.from_any(self.config.cache_eviction_config, self.runner.block_size)
-        self.evictor = Evictor(eviction, self.runner, self.blocks) if eviction is not None else None
+        self.default_eviction = self.evictor.plan(eviction) if eviction is not None else None
         self.scheduler = Scheduler(self.blocks, self.config.max_num_batched_tokens, self.config.max_num_seqs)
         self.decode = decode
         self.eos_token_ids = eos_token_ids
@@ -61,7 +63,8 @@ class LLMEngine:
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int] | np.ndarray, config: GenerationConfig,
-                    streamer: Callable[[str], Any] | None = None) -> Sequence:
+                    streamer: Callable[[str], Any] | None = None, eviction: Any = "default") -> Sequence:
+        """eviction: "default" (the scheduler config's), None (full cache) or a CacheEvictionConfig."""
         ids = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
         if not ids:
             raise PromptError("the prompt is empty: give at least one token")
@@ -70,9 +73,10 @@ class LLMEngine:
         if max_pos and len(ids) + config.max_new_tokens > max_pos:
             raise PromptError(f"prompt ({len(ids)} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the "
                               f"model's maximum position {max_pos}; shorten the prompt or lower max_new_tokens")
+        plan = self._plan(eviction)
         most = len(ids) + config.max_new_tokens
-        if self.evictor is not None:  # the whole prompt is in cache once, then at most budget + a block
-            most = min(most, max(len(ids) + 1, self.evictor.budget + self.blocks.block_size))
+        if plan is not None:  # the whole prompt is in cache once, then at most budget + a block
+            most = min(most, max(len(ids) + 1, plan.budget + self.blocks.block_size))
         need = self.blocks.blocks_for(most)
         if need > self.blocks.num_blocks:
             raise CacheCapacityError(
@@ -80,10 +84,36 @@ class LLMEngine:
                 f"pool has {self.blocks.num_blocks}; raise cache_size/num_kv_blocks or enable eviction")
         eos = frozenset({config.eos_token_id}) if config.eos_token_id >= 0 else self.eos_token_ids
         seq = Sequence(next(self._ids), ids, len(ids), config, eos_token_ids=eos, streamer=streamer,
-                       arrival=time.perf_counter())
+                       arrival=time.perf_counter(), eviction=plan)
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
+
+    def _plan(self, eviction: Any) -> EvictionPlan | None:
+        if isinstance(eviction, str) and eviction == "default":
+            return self.default_eviction
+        config = CacheEvictionConfig.from_any(eviction, self.runner.block_size)
+        return None if config is None else self.evictor.plan(config)
+
+    def fork(self, parent: Sequence, config: GenerationConfig | None = None, eviction: Any = None) -> Sequence:
+        """A new request continuing `parent` from where it stands, sharing its KV blocks copy-on-write.
+
+        Used to fan one prefill out to several policies/budgets: fork right after the prompt is done
+        (the parent holds the full cache); each child evicts to its own budget before its first decode.
+        """
+        if parent.is_finished or parent.status is not Status.RUNNING or parent.num_uncomputed != 1:
+            raise KVCrushError("fork a running sequence between steps, once its prompt is processed")
+        child = Sequence(next(self._ids), list(parent.token_ids), parent.num_prompt_tokens, config or parent.config,
+                         eos_token_ids=parent.eos_token_ids, arrival=time.perf_counter(), status=Status.RUNNING,
+                         num_computed=parent.num_computed, cache_len=parent.cache_len,
+                         eviction=self._plan(eviction), first_token_time=parent.first_token_time,
+                         peak_cache_len=parent.cache_len,
+                         kv_state=parent.kv_state.copy() if parent.kv_state is not None else None)
+        self.blocks.fork(parent.seq_id, child.seq_id)
+        self.sequences[child.seq_id] = child
+        self.scheduler.add(child)
+        self.evictor.maybe_evict(child)
+        return child
 
     def abort(self, seq_id: int) -> None:
         """Stop a request now and free its blocks at once."""
@@ -107,8 +137,7 @@ class LLMEngine:
             return []
         self.runner.kv.copy_blocks(out.block_copies)
         logits = self.runner.run(out.chunks, self.blocks)
-        if self.evictor is not None:
-            self.evictor.observe(out.chunks)
+        self.evictor.observe(out.chunks)
         sampling = [c.seq for c in out.chunks if c.samples]
         for c in out.chunks:
             c.seq.num_computed += c.num_tokens
@@ -128,9 +157,8 @@ class LLMEngine:
             seq.token_times.append(now)
             self._check_stop(seq, token)
             self._stream(seq)
-        if self.evictor is not None:
-            for c in out.chunks:
-                self.evictor.maybe_evict(c.seq)
+        for c in out.chunks:
+            self.evictor.maybe_evict(c.seq)
         n_prefill = sum(c.num_tokens for c in out.chunks if c.num_tokens > 1 or not c.samples)
         self.last_step = StepStats(out.num_tokens, n_prefill, len(out.chunks) - sum(
             1 for c in out.chunks if c.num_tokens > 1 or not c.samples), time.perf_counter() - t0)

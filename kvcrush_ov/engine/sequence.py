@@ -41,6 +41,7 @@ class Sequence:
     num_computed: int = 0          # tokens whose K/V have been written (true positions 0..num_computed-1)
     cache_len: int = 0             # KV slots held per layer (= num_computed - evicted)
     num_preemptions: int = 0
+    eviction: Any = None           # EvictionPlan or None (full cache)
     kv_state: Any = None           # the evictor's per-sequence state; dropped on preemption
     peak_cache_len: int = 0
     rng: np.random.Generator = field(init=False)
