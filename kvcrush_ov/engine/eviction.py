@@ -16,7 +16,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from ..errors import ConfigError
-from ..eviction_config import CacheEvictionConfig
+from ..eviction_config import DEFAULT_ACCUMULATION_WINDOW, CacheEvictionConfig
 from ..policies import AttentionStats, Policy
 from .attention_scores import window_scores
 from .block_manager import BlockManager
@@ -96,11 +96,14 @@ class Evictor:
     # -- every step --------------------------------------------------------------------------------
     def observe(self, chunks: list[ScheduledChunk]) -> None:
         """Keep the newest W queries of each scheduled sequence that may evict."""
+        if not self.runner.softmax_scales:
+            return  # built without query outputs: no sequence can evict with scores
         per_layer = None
         begin = 0
         for c in chunks:
             end = begin + c.num_tokens
-            window = c.seq.eviction.window if c.seq.eviction is not None else 0
+            # Full-cache sequences keep queries too: a fork of them may evict (fan-out evaluation).
+            window = c.seq.eviction.window if c.seq.eviction is not None else DEFAULT_ACCUMULATION_WINDOW
             if window:
                 if per_layer is None:
                     per_layer = [self.runner.queries(layer) for layer in range(self.runner.num_layers)]
@@ -137,7 +140,7 @@ class Evictor:
             return np.zeros((L, hq, T), np.float32)
         tables = self.blocks.tables[seq.seq_id]
         scores = np.stack([
-            window_scores(st.queries[layer], self.runner.kv.read_keys(layer, tables[layer], T),
+            window_scores(st.queries[layer, -plan.window:], self.runner.kv.read_keys(layer, tables[layer], T),
                           self.runner.softmax_scales[layer]) for layer in range(L)])
         if plan.policy.score_source != "accumulated":
             return scores
