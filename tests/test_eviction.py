@@ -45,7 +45,8 @@ def run(engine: LLMEngine) -> None:
         engine.blocks.check_invariants()
         for s in engine.scheduler.seqs:  # blocks held = what the slots need, per layer
             if s.cache_len and s.seq_id in engine.blocks.tables:
-                assert all(len(t) >= engine.blocks.blocks_for(s.cache_len) for t in engine.blocks.tables[s.seq_id])
+                lens = s.layer_lens(engine.runner.num_layers)
+                assert all(len(t) >= engine.blocks.blocks_for(n) for t, n in zip(engine.blocks.tables[s.seq_id], lens))
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -207,3 +208,19 @@ def test_openvino_genai_eviction_config_is_translated(tiny_llama_dir, tok):
     pipe = kvcrush_ov.LLMPipeline(tiny_llama_dir, scheduler_config=sc)
     res = pipe.generate(PROMPT * 2, max_new_tokens=4)
     assert len(res.token_ids[0]) == 4 and pipe.engine.evictor.stats.evictions >= 1
+
+
+def test_pyramidkv_holds_different_lengths_per_layer(tiny_llama_dir, tok):
+    ids = tok.prepare(PROMPT, True)
+    cfg = GenerationConfig(max_new_tokens=70, ignore_eos=True)
+    e = make_engine(tiny_llama_dir, CacheEvictionConfig("pyramidkv", budget=48, options=small_options("pyramidkv")))
+    s = e.add_request(ids, cfg)
+    while s.kv_state is None or s.kv_state.num_evictions == 0:
+        e.step()
+    lens = s.layer_lens(e.runner.num_layers)
+    assert lens[0] > lens[-1] and lens.sum() == 48 * e.runner.num_layers  # equal memory, pyramid shape
+    assert [len(t) for t in e.blocks.tables[s.seq_id]] == [e.blocks.blocks_for(n) for n in lens]
+    run(e)  # decoding continues with per-layer past_lens and evicts per layer again
+    assert s.num_generated == 70 and s.kv_state.num_evictions >= 2
+    assert (s.layer_lens(e.runner.num_layers) < s.kv_state.targets + e.runner.block_size).all()
+    assert e.blocks.num_used_blocks == 0

@@ -6,6 +6,7 @@ OpenVINO graphs and nothing of scheduling.
 from .paged import PagedModelInfo, make_paged_model
 from .gather_logits import gather_logits_before_lm_head
 from .per_head_scores import expose_queries, paged_attention_nodes
+from .per_layer_lengths import split_lengths_per_layer
 
 __all__ = ["PagedModelInfo", "make_paged_model", "gather_logits_before_lm_head", "expose_queries",
-           "paged_attention_nodes"]
+           "paged_attention_nodes", "split_lengths_per_layer"]

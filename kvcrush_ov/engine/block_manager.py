@@ -48,21 +48,22 @@ class BlockManager:
         return self.num_new_blocks(seq_id, num_slots) <= self.num_free_blocks
 
     # -- mutations ------------------------------------------------------------------------------
-    def allocate(self, seq_id: int, num_slots: int) -> list[tuple[int, int, int]]:
-        """Grow the sequence's tables to hold num_slots slots in every layer.
+    def allocate(self, seq_id: int, num_slots: int | np.ndarray) -> list[tuple[int, int, int]]:
+        """Grow the sequence's tables to hold num_slots slots in every layer (or num_slots[layer]).
 
         Returns copy-on-write work (layer, src_block, dst_block): when the last, partly filled block is
         shared with a fork, it is replaced by a private copy before new tokens are written into it.
         The caller (model runner) copies the block contents.
         """
         tables = self.tables.setdefault(seq_id, [[] for _ in range(self.num_layers)])
-        need = self.blocks_for(num_slots)
+        slots = np.broadcast_to(np.asarray(num_slots), (self.num_layers,))
         copies: list[tuple[int, int, int]] = []
         for layer, table in enumerate(tables):
+            need = self.blocks_for(int(slots[layer]))
             free = self._free[layer]
             if need - len(table) > len(free):
                 raise KVCrushError(f"KV pool exhausted in layer {layer}: scheduler admitted more than fits")
-            if table and self._ref[layer, table[-1]] > 1 and num_slots > 0:
+            if table and self._ref[layer, table[-1]] > 1 and slots[layer] > 0:
                 # Writing into a shared block: give this sequence its own copy first.
                 src, dst = table[-1], free.pop()
                 self._ref[layer, src] -= 1

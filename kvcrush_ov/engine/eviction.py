@@ -48,7 +48,7 @@ class EvictionState:
 
     queries: np.ndarray | None = None       # [L, <=W, Hq, hd], newest last
     accumulated: np.ndarray | None = None   # [L, Hq, slots] for accumulating policies (H2O)
-    compressed: bool = False
+    targets: np.ndarray | None = None       # [L] slots each layer keeps, set by the first eviction
     num_evictions: int = 0
     tokens_evicted: int = 0
     seconds: float = 0.0
@@ -117,8 +117,11 @@ class Evictor:
         if plan is None or seq.is_finished or seq.num_computed < seq.num_prompt_tokens:
             return False  # never during prefill: the prompt's own window decides
         st = self.state(seq)
-        over = seq.cache_len > plan.budget if not st.compressed else (
-            plan.during_decode and seq.cache_len >= plan.budget + self.runner.block_size)
+        if st.targets is None:
+            over = seq.cache_len > plan.budget
+        else:  # during decoding, a block's worth past its target in any layer
+            over = plan.during_decode and bool(
+                (seq.layer_lens(self.runner.num_layers) >= st.targets + self.runner.block_size).any())
         if not over:
             return False
         t0 = time.perf_counter()
@@ -151,29 +154,44 @@ class Evictor:
         st.accumulated[:, :, :T] += scores
         return st.accumulated[:, :, :T]
 
+    def _layer_mask(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, layer: int,
+                    num_slots: int, target: int) -> np.ndarray:
+        """One layer on its own (layers hold different lengths after PyramidKV): [Hkv, num_slots]."""
+        if plan.policy.score_source == "accumulated":
+            raise ConfigError(f"policy {plan.policy.name!r} accumulates scores and cannot follow per-layer budgets")
+        hq = self.runner.num_q_heads
+        scores = np.zeros((hq, num_slots), np.float32)
+        if plan.window:
+            keys = self.runner.kv.read_keys(layer, self.blocks.tables[seq.seq_id][layer], num_slots)
+            scores = window_scores(st.queries[layer, -plan.window:], keys, self.runner.softmax_scales[layer])
+        return plan.policy.keep_mask(AttentionStats(scores[None], self.runner.num_kv_heads), int(target))[0]
+
     def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState) -> None:
-        T = seq.cache_len
-        hkv = self.runner.num_kv_heads
-        mask = plan.policy.keep_mask(AttentionStats(self._scores(seq, plan, st), hkv), plan.budget)  # [L, Hkv, T]
-        kept = mask[0].sum(axis=-1)
-        if not (mask.sum(axis=-1) == kept[0]).all():
-            raise ConfigError(f"policy {plan.policy.name!r} keeps different counts per layer; per-layer "
-                              f"KV lengths are not supported by this engine build")
-        n = int(kept[0])
+        L, hkv = self.runner.num_layers, self.runner.num_kv_heads
+        lens = seq.layer_lens(L)
+        if seq.layer_offsets is None:  # all layers alike: one policy call over every layer
+            masks = plan.policy.keep_mask(AttentionStats(self._scores(seq, plan, st), hkv), plan.budget)
+        else:
+            masks = [self._layer_mask(seq, plan, st, layer, lens[layer], st.targets[layer]) for layer in range(L)]
+        kept = np.array([int(m[0].sum()) for m in masks])
         # A forked sequence shares blocks with its parent: compaction writes only into private ones.
-        self.runner.kv.copy_blocks(self.blocks.make_private(seq.seq_id, n))
+        self.runner.kv.copy_blocks(self.blocks.make_private(seq.seq_id, int(kept.max())))
         tables = self.blocks.tables[seq.seq_id]
-        for layer in range(self.runner.num_layers):
-            keep = np.nonzero(mask[layer])[1].reshape(hkv, n)  # sorted per head: time order kept
+        T = seq.cache_len
+        for layer in range(L):
+            n = kept[layer]
+            keep = np.nonzero(masks[layer])[1].reshape(hkv, n)  # sorted per head: time order kept
             self.runner.kv.compact(layer, tables[layer], keep)
             if st.accumulated is not None:
                 g = st.accumulated.shape[1] // hkv
                 acc = st.accumulated[layer, :, :T].reshape(hkv, g, T)
                 st.accumulated[layer, :, :n] = np.take_along_axis(acc, keep[:, None, :], axis=2).reshape(-1, n)
         if st.accumulated is not None:
-            st.accumulated = st.accumulated[:, :, :n].copy()
-        self.blocks.trim(seq.seq_id, [n] * self.runner.num_layers)
-        st.tokens_evicted += T - n
+            st.accumulated = st.accumulated[:, :, :kept.max()].copy()
+        self.blocks.trim(seq.seq_id, kept)
+        st.tokens_evicted += int((lens - kept).sum()) // L
         st.num_evictions += 1
-        st.compressed = True
-        seq.cache_len = n
+        if st.targets is None:
+            st.targets = kept
+        seq.cache_len = int(kept.max())
+        seq.layer_offsets = None if (kept == kept[0]).all() else seq.cache_len - kept

@@ -57,6 +57,9 @@ class ModelRunner:
         self.info = transforms.make_paged_model(model)
         self.softmax_scales = (transforms.expose_queries(model, self._config_head_size())
                                if expose_queries else [])
+        self.per_layer_lengths = expose_queries  # eviction may leave layers with different lengths
+        if self.per_layer_lengths:
+            transforms.split_lengths_per_layer(model)
         props = dict(properties or {})
         if kv_cache_precision is not None:
             props["KV_CACHE_PRECISION"] = _PRECISIONS[kv_cache_precision]
@@ -119,17 +122,26 @@ class ModelRunner:
         inputs = {
             "input_ids": input_ids,
             "position_ids": position_ids,
-            "past_lens": past,
             "subsequence_begins": begins,
             "max_context_len": np.array(int((past + lens).max()), dtype=np.int32),
         }
         tables = [blocks.tables[c.seq.seq_id] for c in chunks]
-        block_begins = np.zeros(len(chunks) + 1, dtype=np.int32)
-        np.cumsum([len(t[0]) for t in tables], out=block_begins[1:])
-        inputs["block_indices_begins"] = block_begins
+        uneven = [i for i, c in enumerate(chunks) if c.seq.layer_offsets is not None]
         for layer in range(self.num_layers):
+            block_begins = np.zeros(len(chunks) + 1, dtype=np.int32)
+            np.cumsum([len(t[layer]) for t in tables], out=block_begins[1:])
             inputs[f"block_indices.{layer}"] = np.fromiter(
                 (b for t in tables for b in t[layer]), dtype=np.int32, count=int(block_begins[-1]))
+            if self.per_layer_lengths:
+                layer_past = past.copy()
+                for i in uneven:
+                    layer_past[i] -= chunks[i].seq.layer_offsets[layer]
+                inputs[f"past_lens.{layer}"] = layer_past
+                inputs[f"block_indices_begins.{layer}"] = block_begins
+            else:
+                inputs["block_indices_begins"] = block_begins
+        if not self.per_layer_lengths:
+            inputs["past_lens"] = past
         if "score_aggregation_window" in self.input_names:
             inputs["score_aggregation_window"] = np.zeros(len(chunks), dtype=np.int32)
         if self.info.gathers_logits:

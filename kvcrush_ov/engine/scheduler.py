@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
 
@@ -76,7 +78,7 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING or not self.blocks.can_hold(seq.seq_id, seq.cache_len + 1):
                 continue
-            out.block_copies += self.blocks.allocate(seq.seq_id, seq.cache_len + 1)
+            out.block_copies += self.blocks.allocate(seq.seq_id, seq.layer_lens(self.blocks.num_layers) + 1)
             out.chunks.append(ScheduledChunk(seq, 1))
             budget -= 1
         # 2. prompt chunks (also recomputation after preemption), greedily in arrival order.
@@ -95,7 +97,7 @@ class Scheduler:
             if seq.status is Status.WAITING:
                 seq.status = Status.RUNNING
                 holding += 1
-            out.block_copies += self.blocks.allocate(seq.seq_id, seq.cache_len + n)
+            out.block_copies += self.blocks.allocate(seq.seq_id, seq.layer_lens(self.blocks.num_layers) + n)
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
         return out
@@ -105,7 +107,8 @@ class Scheduler:
         tables = self.blocks.tables.get(seq.seq_id)
         if not tables:
             return 0
-        return min(len(t) for t in tables) * self.blocks.block_size - seq.cache_len
+        held = np.array([len(t) for t in tables]) * self.blocks.block_size
+        return int((held - seq.layer_lens(len(tables))).min())
 
     def _preemption_victim(self, exclude: SchedulerOutput) -> Sequence | None:
         scheduled = {id(c.seq) for c in exclude.chunks}
@@ -119,6 +122,7 @@ class Scheduler:
         seq.status = Status.WAITING
         seq.num_computed = 0
         seq.cache_len = 0
+        seq.layer_offsets = None
         seq.kv_state = None
         seq.num_preemptions += 1
         out.preempted.append(seq)

@@ -39,7 +39,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     error: str | None = None
     num_computed: int = 0          # tokens whose K/V have been written (true positions 0..num_computed-1)
-    cache_len: int = 0             # KV slots held per layer (= num_computed - evicted)
+    cache_len: int = 0             # KV slots held (the most of any layer; = num_computed - evicted)
+    layer_offsets: np.ndarray | None = None  # [L] slots a layer holds fewer than cache_len (PyramidKV)
     num_preemptions: int = 0
     eviction: Any = None           # EvictionPlan or None (full cache)
     kv_state: Any = None           # the evictor's per-sequence state; dropped on preemption
@@ -56,6 +57,11 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def layer_lens(self, num_layers: int) -> np.ndarray:
+        """KV slots held by each layer."""
+        lens = np.full(num_layers, self.cache_len, dtype=np.int64)
+        return lens if self.layer_offsets is None else lens - self.layer_offsets
 
     @property
     def num_generated(self) -> int:
