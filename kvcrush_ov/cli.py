@@ -19,11 +19,35 @@ def _model_dir(arg: str) -> Path:
     return Path(arg)
 
 
-def _scheduler_config(args: argparse.Namespace):
+def _option_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _eviction_config(args: argparse.Namespace, policy: str | None = None, budget: int | None = None):
+    from .eviction_config import CacheEvictionConfig
+    policy = policy or getattr(args, "policy", None)
+    if policy in (None, "full"):
+        return None
+    options = {}
+    for item in getattr(args, "policy_option", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise KVCrushError(f"--policy-option takes KEY=VALUE, got {item!r}")
+        options[key] = _option_value(value)
+    return CacheEvictionConfig(policy, budget=budget or args.budget, options=options)
+
+
+def _scheduler_config(args: argparse.Namespace, eviction=None):
     from .config import SchedulerConfig
     return SchedulerConfig(cache_size=args.cache_size, num_kv_blocks=args.num_kv_blocks,
                            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                           kv_cache_precision=args.kv_precision)
+                           kv_cache_precision=args.kv_precision,
+                           cache_eviction_config=eviction if eviction is not None else _eviction_config(args))
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -37,6 +61,17 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache precision (default: the device's)")
 
 
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", default="full",
+                   help="full | streaming | h2o | snapkv | pyramidkv | kvcrush | kvcrush-block")
+    p.add_argument("--budget", type=int, default=512,
+                   help="KV tokens kept per sequence per layer, sinks/recent/representatives included")
+    p.add_argument("--policy-option", action="append", metavar="KEY=VALUE",
+                   help="a policy option, e.g. window=8, representative_fraction=0.25, anchors=mean (repeatable)")
+    p.add_argument("--backend", choices=["ours", "native"], default="ours",
+                   help="our engine, or openvino_genai's own pipeline and eviction")
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from . import models
     print(models.prepare(args.name, weight_format=args.weight_format, force=args.force))
@@ -47,7 +82,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt = Path(args.prompt_file).read_text(encoding="utf-8", errors="strict") if args.prompt_file else args.prompt
     if prompt is None:
         raise KVCrushError("give a prompt: --prompt TEXT or --prompt-file FILE")
-    pipe = LLMPipeline(_model_dir(args.model), args.device, scheduler_config=_scheduler_config(args))
+    pipe = LLMPipeline(_model_dir(args.model), args.device, scheduler_config=_scheduler_config(args),
+                       backend=args.backend)
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)
@@ -55,11 +91,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     result = pipe.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                            temperature=args.temperature or 1.0, rng_seed=args.seed,
-                           apply_chat_template=not args.no_chat_template, streamer=stream)
+                           apply_chat_template=not args.no_chat_template,
+                           streamer=stream if args.backend == "ours" else None)
+    if args.backend == "native":
+        sys.stdout.write(result.texts[0])
     sys.stdout.write("\n")
-    n = result.prompt_lengths[0]
-    print(f"[{n} prompt tokens, {len(result.token_ids[0])} new tokens, "
-          f"KV {pipe.kv_bytes_per_token * (n + len(result.token_ids[0])) / 2**20:.1f} MiB]", file=sys.stderr)
+    if pipe.engine is not None:
+        n = result.prompt_lengths[0]
+        print(f"[{n} prompt tokens, {len(result.token_ids[0])} new tokens, peak KV "
+              f"{pipe.last_kv_bytes[0] / 2**20:.2f} MiB, policy {args.policy}]", file=sys.stderr)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -90,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat-template", action="store_true")
+    _add_policy_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="throughput/latency benchmark; prints a table and writes JSON")
@@ -102,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench.json")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="prepare the default model and answer a prompt")
+    p = sub.add_parser("demo", help="prepare the default model; answer a long prompt with the full cache and KVCrush")
     _add_engine_args(p)
+    p.add_argument("--budget-fraction", type=float, default=0.25, help="KVCrush budget as a fraction of the prompt")
     p.set_defaults(func=cmd_demo)
     return parser
 

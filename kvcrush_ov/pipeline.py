@@ -22,6 +22,7 @@ from .engine.llm_engine import LLMEngine
 from .engine.model_runner import read_model_dir
 from .engine.sequence import FinishReason, Sequence
 from .errors import ConfigError, KVCrushError, PromptError
+from .native import native_pipeline, to_native_generation
 
 Streamer = Callable[[str], Any]
 
@@ -80,15 +81,24 @@ class LLMPipeline:
     """generate() over a continuous-batching engine; several prompts run batched in one engine."""
 
     def __init__(self, models_path: str | Path, device: str = "CPU", scheduler_config: Any = None,
-                 **properties: Any) -> None:
+                 backend: str = "ours", **properties: Any) -> None:
+        """backend: "ours" (this engine) or "native" (openvino_genai's own continuous batching, with its
+        own eviction; configs are translated)."""
+        if backend not in ("ours", "native"):
+            raise ConfigError(f"backend must be 'ours' or 'native', got {backend!r}")
         path, _ = read_model_dir(models_path)
         self.models_path = path
+        self.backend = backend
         self.tokenizer = Tokenizer(path)
         self.generation_config = self._default_generation_config(path)
-        self.engine = LLMEngine(path, device, SchedulerConfig.from_any(scheduler_config), properties,
-                                decode=self.tokenizer.decode,
-                                eos_token_ids=frozenset({self.generation_config.eos_token_id}))
+        config = SchedulerConfig.from_any(scheduler_config)
+        self.native = native_pipeline(path, device, config, properties) if backend == "native" else None
+        self.engine = None if self.native else LLMEngine(
+            path, device, config, properties, decode=self.tokenizer.decode,
+            eos_token_ids=frozenset({self.generation_config.eos_token_id}))
         self._lock = threading.Lock()
+        # KV bytes each request of the last generate() held while decoding (its peak after eviction)
+        self.last_kv_bytes: list[int] = []
 
     def _default_generation_config(self, path: Path) -> GenerationConfig:
         cfg = GenerationConfig()
@@ -122,8 +132,15 @@ class LLMPipeline:
         if streamer is not None and len(prompts) > 1:
             raise ConfigError("a streamer can only be used with a single prompt (as in openvino_genai)")
         token_ids = [self.tokenizer.prepare(p, config.apply_chat_template) for p in prompts]
+        if self.native is not None:
+            with self._lock:
+                res = self.native.generate(prompts, to_native_generation(config))
+            return DecodedResults(texts=list(res.texts), scores=list(res.scores),
+                                  prompt_lengths=[len(t) for t in token_ids])
         with self._lock:
             seqs = self.generate_ids(token_ids, config, streamer, progress)
+        bpt = self.kv_bytes_per_token
+        self.last_kv_bytes = [s.peak_decode_cache_len * bpt for s in seqs]
         return DecodedResults(
             texts=[s.text if s.finish_reason is FinishReason.STOP and config.stop_strings and s.text
                    else self.tokenizer.decode(self._visible_ids(s)) for s in seqs],
@@ -168,5 +185,6 @@ class LLMPipeline:
 
     @property
     def kv_bytes_per_token(self) -> int:
+        """KV bytes one token slot costs, all layers, scales included (our backend)."""
         r = self.engine.runner
         return r.bytes_per_block // r.block_size

@@ -159,6 +159,8 @@ class LLMEngine:
             self._stream(seq)
         for c in out.chunks:
             self.evictor.maybe_evict(c.seq)
+            if c.seq.num_computed >= c.seq.num_prompt_tokens:
+                c.seq.peak_decode_cache_len = max(c.seq.peak_decode_cache_len, c.seq.cache_len)
         n_prefill = sum(c.num_tokens for c in out.chunks if c.num_tokens > 1 or not c.samples)
         self.last_step = StepStats(out.num_tokens, n_prefill, len(out.chunks) - sum(
             1 for c in out.chunks if c.num_tokens > 1 or not c.samples), time.perf_counter() - t0)

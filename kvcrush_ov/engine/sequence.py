@@ -44,7 +44,8 @@ class Sequence:
     num_preemptions: int = 0
     eviction: Any = None           # EvictionPlan or None (full cache)
     kv_state: Any = None           # the evictor's per-sequence state; dropped on preemption
-    peak_cache_len: int = 0
+    peak_cache_len: int = 0        # most KV slots held at any time (the whole prompt, before eviction)
+    peak_decode_cache_len: int = 0 # most KV slots held while decoding (after eviction: ~ the budget)
     rng: np.random.Generator = field(init=False)
     text: str = ""                 # detokenized output so far (maintained when needed)
     streamed_chars: int = 0
