@@ -33,6 +33,8 @@ class BenchResult:
     tpot_ms_p95: float
     peak_rss_mib: float
     kv_bytes: int           # peak KV bytes in use (blocks held x bytes per block, all layers)
+    eviction_s: float = 0.0 # time spent scoring + choosing + compacting (ours)
+    eviction_share: float = 0.0  # eviction_s / seconds
 
 
 def synthetic_prompts(tokenizer, n_tokens: int, count: int, seed: int = 0) -> list[list[int]]:
@@ -77,6 +79,7 @@ def run_ours(pipe, prompts: list[list[int]], new_tokens: int) -> BenchResult:
     from .config import GenerationConfig
     engine = pipe.engine
     cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    evict0 = engine.evictor.stats.seconds
     _reset_peak_rss()
     t0 = time.perf_counter()
     seqs = [engine.add_request(p, cfg) for p in prompts]
@@ -85,8 +88,11 @@ def run_ours(pipe, prompts: list[list[int]], new_tokens: int) -> BenchResult:
         engine.step()
         peak_blocks = max(peak_blocks, engine.blocks.num_used_blocks)
     t_end = time.perf_counter()
-    return _summarize("ours", prompts, new_tokens, t0, t_end, [s.token_times for s in seqs],
-                      peak_blocks * engine.runner.layout.bytes_per_block)
+    result = _summarize("ours", prompts, new_tokens, t0, t_end, [s.token_times for s in seqs],
+                        peak_blocks * engine.runner.layout.bytes_per_block)
+    result.eviction_s = engine.evictor.stats.seconds - evict0
+    result.eviction_share = result.eviction_s / result.seconds
+    return result
 
 
 def run_native(cb, prompts: list[list[int]], new_tokens: int) -> BenchResult:
@@ -122,6 +128,7 @@ def run_bench(args: argparse.Namespace) -> list[BenchResult]:
     from tqdm import tqdm
 
     from .cli import _model_dir, _scheduler_config
+    from .native import to_native_scheduler
     from .pipeline import LLMPipeline
 
     model_dir = _model_dir(args.model)
@@ -131,11 +138,7 @@ def run_bench(args: argparse.Namespace) -> list[BenchResult]:
         ours = LLMPipeline(model_dir, args.device, scheduler_config=sched)
     if args.backend in ("native", "compare"):
         import openvino_genai as ov_genai
-        sc = ov_genai.SchedulerConfig()
-        sc.cache_size = max(1, int(round(sched.cache_size)))
-        sc.num_kv_blocks = sched.num_kv_blocks
-        sc.max_num_batched_tokens = sched.max_num_batched_tokens
-        sc.max_num_seqs = sched.max_num_seqs
+        sc = to_native_scheduler(sched)
         props = {"KV_CACHE_PRECISION": sched.kv_cache_precision} if sched.kv_cache_precision else {}
         native = ov_genai.ContinuousBatchingPipeline(str(model_dir), sc, args.device, props)
     tokenizer = (ours.tokenizer if ours else None) or __import__("kvcrush_ov.pipeline", fromlist=["Tokenizer"]).Tokenizer(model_dir)
@@ -157,7 +160,8 @@ def run_bench(args: argparse.Namespace) -> list[BenchResult]:
     _print_table(results)
     report = {"model": str(model_dir), "device": args.device, "scheduler": {
         "cache_size": sched.cache_size, "max_num_batched_tokens": sched.max_num_batched_tokens,
-        "kv_cache_precision": ours.engine.runner.layout.precision if ours else sched.kv_cache_precision},
+        "kv_cache_precision": ours.engine.runner.layout.precision if ours else sched.kv_cache_precision,
+        "policy": args.policy, "budget": args.budget if args.policy != "full" else None},
         "results": [asdict(r) for r in results], "ratios": _ratios(results)}
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
@@ -179,13 +183,14 @@ def _ratios(results: list[BenchResult]) -> list[dict]:
 
 def _print_table(results: list[BenchResult]) -> None:
     head = ("backend", "prompt", "conc", "new", "s", "e2e tok/s", "prefill tok/s", "decode tok/s", "TTFT s",
-            "TPOT p50 ms", "TPOT p95 ms", "peak RSS MiB", "KV MiB")
+            "TPOT p50 ms", "TPOT p95 ms", "peak RSS MiB", "KV MiB", "eviction s (share)")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in results:
         print(f"| {r.backend} | {r.prompt_tokens} | {r.concurrency} | {r.new_tokens} | {r.seconds:.1f} | "
               f"{r.e2e_tok_s:.0f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | {r.ttft_s_mean:.2f} | "
-              f"{r.tpot_ms_p50:.1f} | {r.tpot_ms_p95:.1f} | {r.peak_rss_mib:.0f} | {r.kv_bytes / 2**20:.1f} |")
+              f"{r.tpot_ms_p50:.1f} | {r.tpot_ms_p95:.1f} | {r.peak_rss_mib:.0f} | {r.kv_bytes / 2**20:.1f} | "
+              f"{r.eviction_s:.3f} ({100 * r.eviction_share:.2f}%) |")
     for r in _ratios(results):
         print(f"ours/native e2e throughput ({r['prompt_tokens']} x {r['concurrency']} + {r['new_tokens']}): "
               f"{r['e2e_throughput_ours_over_native']:.3f}")

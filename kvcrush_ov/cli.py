@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="8", help="comma-separated numbers of concurrent requests")
     p.add_argument("--new-tokens", default="128", help="comma-separated numbers of new tokens")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats per configuration")
+    p.add_argument("--policy", default="full", help="eviction policy for both backends (native: snapkv, h2o, kvcrush-block)")
+    p.add_argument("--budget", type=int, default=512, help="KV tokens kept per sequence per layer")
+    p.add_argument("--policy-option", action="append", metavar="KEY=VALUE")
     p.add_argument("--out", default="bench.json")
     p.set_defaults(func=cmd_bench)
 
