@@ -107,6 +107,43 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    import shlex
+
+    from .eval.runner import EvalConfig, run_eval
+    from .eval.suite import load_suite
+    from .pipeline import Tokenizer
+
+    model_dir = _model_dir(args.model)
+    options: dict = {}
+    for item in args.policy_option or []:
+        key, sep, value = item.partition("=")
+        policy, dot, name = key.partition(".")
+        if not (sep and dot):
+            raise KVCrushError(f"--policy-option takes POLICY.KEY=VALUE (e.g. kvcrush.anchors=mean), got {item!r}")
+        options.setdefault(policy, {})[name] = _option_value(value)
+    try:
+        budgets = [float(b) for b in args.budgets.split(",") if b]
+    except ValueError:
+        raise KVCrushError(f"--budgets takes comma-separated numbers, got {args.budgets!r}") from None
+    config = EvalConfig(policies=[p for p in args.policies.split(",") if p], budgets=budgets, device=args.device,
+                        cache_size=args.cache_size, policy_options=options or None, seed=args.seed)
+    tok = Tokenizer(model_dir)
+    kwargs = {}
+    if args.suite == "ruler-mini":
+        kwargs = {"lengths": tuple(int(n) for n in args.lengths.split(",")), "samples_per_task": args.samples_per_task,
+                  "seed": args.seed}
+        if args.tasks:
+            kwargs["tasks"] = args.tasks.split(",")
+    samples = load_suite(args.suite, lambda text: len(tok.encode(text, add_special_tokens=False)), **kwargs)
+    if args.limit:
+        samples = samples[: args.limit]
+    meta = {"suite": args.suite, "command": "kvcrush-ov " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "seed": args.seed}
+    result = run_eval(model_dir, samples, config, Path(args.out), meta)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"wrote {Path(args.out) / 'results.json'}, report.md, plot.png ({len(result['samples'])} rows)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
     run_demo(args)
@@ -145,6 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-option", action="append", metavar="KEY=VALUE")
     p.add_argument("--out", default="bench.json")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="score policies x budgets on a suite, side by side with openvino-genai's eviction")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="CPU")
+    p.add_argument("--cache-size", type=float, default=1.0)
+    p.add_argument("--suite", default="ruler-mini", help="ruler-mini or a .jsonl file")
+    p.add_argument("--policies", default="full,streaming,h2o,snapkv,pyramidkv,kvcrush,kvcrush-block,native-snapkv,native-kvcrush")
+    p.add_argument("--budgets", default="0.125,0.25,0.5", help="below 1: fraction of each prompt; from 1: tokens")
+    p.add_argument("--lengths", default="1024,2048", help="ruler-mini prompt lengths in tokens")
+    p.add_argument("--samples-per-task", type=int, default=3)
+    p.add_argument("--tasks", default="", help="ruler-mini tasks (default: all)")
+    p.add_argument("--limit", type=int, default=0, help="first N samples only")
+    p.add_argument("--policy-option", action="append", metavar="POLICY.KEY=VALUE")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="eval-out")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="prepare the default model; answer a long prompt with the full cache and KVCrush")
     _add_engine_args(p)

@@ -95,7 +95,8 @@ class LLMEngine:
         config = CacheEvictionConfig.from_any(eviction, self.runner.block_size)
         return None if config is None else self.evictor.plan(config)
 
-    def fork(self, parent: Sequence, config: GenerationConfig | None = None, eviction: Any = None) -> Sequence:
+    def fork(self, parent: Sequence, config: GenerationConfig | None = None, eviction: Any = None,
+             teacher: Sequence | None = None, record_logprobs: bool = False) -> Sequence:
         """A new request continuing `parent` from where it stands, sharing its KV blocks copy-on-write.
 
         Used to fan one prefill out to several policies/budgets: fork right after the prompt is done
@@ -108,7 +109,8 @@ class LLMEngine:
                          num_computed=parent.num_computed, cache_len=parent.cache_len,
                          eviction=self._plan(eviction), first_token_time=parent.first_token_time,
                          peak_cache_len=parent.cache_len,
-                         kv_state=parent.kv_state.copy() if parent.kv_state is not None else None)
+                         kv_state=parent.kv_state.copy() if parent.kv_state is not None else None,
+                         teacher=teacher, logprobs=[] if record_logprobs else None)
         self.blocks.fork(parent.seq_id, child.seq_id)
         self.sequences[child.seq_id] = child
         self.scheduler.add(child)
@@ -146,8 +148,17 @@ class LLMEngine:
         greedy = greedy_batch(logits) if all(not s.config.do_sample for s in sampling) else None
         now = time.perf_counter()
         for row, seq in enumerate(sampling):
+            if seq.teacher is not None and seq.num_generated >= len(seq.teacher.output_ids):
+                seq.finish(FinishReason.LENGTH)  # the teacher's continuation is used up
+                continue
+            if seq.logprobs is not None:
+                z = logits[row].astype(np.float64)
+                z -= z.max()
+                seq.logprobs.append((z - np.log(np.exp(z).sum())).astype(np.float32))
             suppress = seq.eos_token_ids if seq.num_generated < seq.config.min_new_tokens else frozenset()
-            if greedy is not None and not suppress:
+            if seq.teacher is not None:  # the teacher was sampled earlier in this loop (it arrived first)
+                token = seq.teacher.output_ids[seq.num_generated]
+            elif greedy is not None and not suppress:
                 token = int(greedy[row])
             else:
                 token = sample(logits[row], seq.config, seq.rng, suppress)

@@ -43,6 +43,8 @@ class Sequence:
     layer_offsets: np.ndarray | None = None  # [L] slots a layer holds fewer than cache_len (PyramidKV)
     num_preemptions: int = 0
     eviction: Any = None           # EvictionPlan or None (full cache)
+    teacher: "Sequence | None" = None  # teacher forcing: emit the teacher's tokens instead of sampling
+    logprobs: list | None = None   # when a list, each step's log-softmax row [V] is appended (evaluation)
     kv_state: Any = None           # the evictor's per-sequence state; dropped on preemption
     peak_cache_len: int = 0        # most KV slots held at any time (the whole prompt, before eviction)
     peak_decode_cache_len: int = 0 # most KV slots held while decoding (after eviction: ~ the budget)

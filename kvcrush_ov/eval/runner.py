@@ -1,0 +1,300 @@
+"""Run a suite under several eviction policies and budgets, and openvino-genai's native eviction.
+
+Our engine prefills each sample ONCE (full cache, the reference) and forks every (policy, budget) from
+the shared prefix blocks (copy-on-write): each fork evicts to its own budget and decodes greedily; a
+second, teacher-forced fork per configuration follows the full-cache continuation to measure NLL/KL.
+Native policies (`native-snapkv`, `native-kvcrush`) run openvino_genai's ContinuousBatchingPipeline with
+its own CacheEvictionConfig at the same total KV tokens (its KVCrush blocks counted inside the budget).
+Per-sample results are cached in OUT/samples/ so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ..config import GenerationConfig, SchedulerConfig
+from ..errors import ConfigError
+from ..eviction_config import CacheEvictionConfig
+from ..policies import POLICIES, make_policy
+from .metrics import exact_match_rate, kl_divergence, mean_and_ci, nll, rouge_l, score, target_logprobs
+from .suite import Sample
+
+NATIVE = {"native-snapkv": "snapkv", "native-kvcrush": "kvcrush-block"}
+ALL_POLICIES = tuple(POLICIES) + tuple(NATIVE)
+
+
+@dataclass
+class EvalConfig:
+    policies: list[str]
+    budgets: list[float]          # < 1: fraction of each prompt's length; >= 1: tokens
+    device: str = "CPU"
+    cache_size: float = 1.0
+    policy_options: dict | None = None  # {policy: {option: value}} for our policies
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.policies if p not in ALL_POLICIES]
+        if unknown or not self.policies:
+            raise ConfigError(f"unknown policy(ies) {unknown}; choose from {', '.join(ALL_POLICIES)}")
+        bad = [b for b in self.budgets if not (isinstance(b, (int, float)) and b > 0)]
+        if bad or not self.budgets:
+            raise ConfigError(f"budgets must be > 0 (fractions of the prompt below 1, tokens from 1), got {bad or self.budgets}")
+
+    def key(self, model_dir: Path) -> str:
+        """Identifies cached per-sample results: a change of model or settings recomputes them."""
+        blob = json.dumps([str(model_dir), self.device, self.policy_options, self.seed], sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def budget_tokens(budget: float, prompt_len: int, minimum: int) -> int:
+    tokens = int(budget * prompt_len) if budget < 1 else int(budget)
+    return max(tokens, minimum)
+
+
+def sample_ids(tokenizer, sample: Sample) -> list[int]:
+    """Prompt ids as a user of openvino_genai would build them, plus the sample's answer prefix."""
+    if sample.chat and tokenizer.has_chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}], True)
+        return tokenizer.encode(text + sample.answer_prefix, add_special_tokens=False)
+    return tokenizer.encode(sample.prompt + sample.answer_prefix, add_special_tokens=True)
+
+
+class Runner:
+    def __init__(self, model_dir: Path, config: EvalConfig, out_dir: Path) -> None:
+        from ..engine.llm_engine import LLMEngine
+        from ..pipeline import Tokenizer
+
+        self.model_dir, self.config, self.out_dir = Path(model_dir), config, Path(out_dir)
+        self.tokenizer = Tokenizer(self.model_dir)
+        self.engine = LLMEngine(self.model_dir, config.device, SchedulerConfig(cache_size=config.cache_size),
+                                decode=self.tokenizer.decode, enable_eviction=True,
+                                eos_token_ids=frozenset({self.tokenizer.eos_token_id}))
+        self.bytes_per_token = self.engine.runner.bytes_per_block // self.engine.runner.block_size
+        self.cache_dir = self.out_dir / "samples" / config.key(self.model_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.timing = {"prefill_s": 0.0, "fanout_decode_s": 0.0, "runs": 0}
+
+    # -- our engine: one prefill, every policy/budget forked from it ---------------------------------
+    def _ours(self, sample: Sample, ids: list[int]) -> list[dict]:
+        engine, cfg = self.engine, GenerationConfig(max_new_tokens=sample.max_new_tokens,
+                                                    eos_token_id=self.tokenizer.eos_token_id)
+        t0 = time.perf_counter()
+        parent = engine.add_request(ids, cfg, eviction=None)
+        parent.logprobs = []
+        while parent.num_generated == 0 and not parent.is_finished:
+            engine.step()
+        t_prefill = time.perf_counter() - t0
+        runs = {}
+        for policy in self.config.policies:
+            if policy in NATIVE or policy == "full":
+                continue
+            options = (self.config.policy_options or {}).get(policy, {})
+            for budget in self.config.budgets:
+                tokens = budget_tokens(budget, len(ids), make_policy(policy, **options).protected_tokens)
+                ev = CacheEvictionConfig(policy, budget=tokens, options=options)
+                if parent.is_finished:  # one-token answer: nothing to fork, every policy saw the full prompt
+                    runs[(policy, budget)] = (tokens, parent, None, t0)
+                    continue
+                t_fork = time.perf_counter()
+                free = engine.fork(parent, cfg, ev)
+                forced = engine.fork(parent, cfg, ev, teacher=parent, record_logprobs=True)
+                runs[(policy, budget)] = (tokens, free, forced, t_fork)
+        t1 = time.perf_counter()
+        while engine.has_unfinished:
+            engine.step()
+        t_end = time.perf_counter()
+        self.timing["prefill_s"] += t_prefill
+        self.timing["fanout_decode_s"] += t_end - t1
+        self.timing["runs"] += 1 + 2 * len(runs)
+        full_text = self._text(parent)
+        rows = []
+        if "full" in self.config.policies:
+            for budget in self.config.budgets:
+                rows.append(self._row(sample, ids, "full", budget, len(ids), full_text, full_text,
+                                      parent.peak_decode_cache_len, t_end - t0, self._nll_kl(parent, None)))
+        for (policy, budget), (tokens, free, forced, t_fork) in runs.items():
+            end = max(free.token_times[-1] if free.token_times else t_fork, t_fork)
+            rows.append(self._row(sample, ids, policy, budget, tokens, self._text(free), full_text,
+                                  free.peak_decode_cache_len, t_prefill + end - t_fork, self._nll_kl(parent, forced)))
+        return rows
+
+    def _text(self, seq) -> str:
+        out = seq.output_ids
+        if out and out[-1] in seq.eos_token_ids:
+            out = out[:-1]
+        return self.tokenizer.decode(out)
+
+    @staticmethod
+    def _nll_kl(parent, forced) -> tuple[float | None, float | None]:
+        """Teacher-forced on the full-cache continuation: forced.logprobs[j] predicts token j+1."""
+        targets = parent.output_ids[1:]
+        if not targets:
+            return None, None
+        full_lp = np.stack(parent.logprobs[1:1 + len(targets)])
+        if forced is None:
+            return nll(target_logprobs(full_lp, targets)), 0.0
+        n = min(len(forced.logprobs), len(targets))
+        if n == 0:
+            return None, None
+        lp = np.stack(forced.logprobs[:n])
+        return nll(target_logprobs(lp, targets[:n])), float(kl_divergence(full_lp[:n], lp))
+
+    def _row(self, sample: Sample, ids, policy, budget, tokens, text, full_text, kv_slots, latency, nll_kl) -> dict:
+        return {"id": sample.id, "task": sample.task, "length": sample.length, "prompt_tokens": len(ids),
+                "policy": policy, "budget": budget, "budget_tokens": int(min(tokens, len(ids))),
+                "prediction": text, "score": score(sample.answer_prefix + text, sample.answers, sample.metric),
+                "exact_match_full": exact_match_rate([text], [full_text]), "rouge_l_full": 100 * rouge_l(text, full_text),
+                "nll": nll_kl[0], "kl": nll_kl[1], "kv_bytes": int(kv_slots) * self.bytes_per_token,
+                "latency_s": float(latency)}
+
+    # -- openvino-genai's native eviction ---------------------------------------------------------
+    def _native(self, sample: Sample, ids: list[int], full_text: str) -> list[dict]:
+        import openvino as ov
+        import openvino_genai as ov_genai
+
+        from ..native import to_native_eviction
+
+        rows = []
+        for policy in self.config.policies:
+            if policy not in NATIVE:
+                continue
+            for budget in self.config.budgets:
+                ours = CacheEvictionConfig(NATIVE[policy], budget=budget_tokens(budget, len(ids), 128),
+                                           options={"window": 8, "sink_tokens": 32, "recent_tokens": 64})
+                sc = ov_genai.SchedulerConfig()
+                sc.cache_size = max(1, int(round(self.config.cache_size)))
+                if len(ids) > ours.budget:
+                    sc.use_cache_eviction = True
+                    sc.cache_eviction_config = to_native_eviction(ours, self.engine.runner.block_size)
+                props = {"KV_CACHE_PRECISION": self.engine.runner.layout.precision}  # equal bytes per token
+                t0 = time.perf_counter()
+                cb = ov_genai.ContinuousBatchingPipeline(str(self.model_dir), sc, self.config.device, props)
+                gc = ov_genai.GenerationConfig()
+                gc.max_new_tokens = sample.max_new_tokens
+                gc.apply_chat_template = False
+                out = cb.generate([ov.Tensor(np.array([ids], dtype=np.int64))], [gc])[0].m_generation_ids[0]
+                latency = time.perf_counter() - t0
+                out = [t for t in out if t != self.tokenizer.eos_token_id]
+                text = self.tokenizer.decode(out)
+                rows.append(self._row(sample, ids, policy, budget, ours.budget, text, full_text,
+                                      min(len(ids), ours.budget) + len(out), latency, (None, None)))
+        return rows
+
+    def run_sample(self, sample: Sample) -> list[dict]:
+        cached = self.cache_dir / f"{hashlib.sha1(sample.id.encode()).hexdigest()[:16]}.json"
+        want = {(p, b) for p in self.config.policies for b in self.config.budgets}
+        if cached.is_file():
+            rows = json.loads(cached.read_text())
+            if want <= {(r["policy"], r["budget"]) for r in rows}:
+                return [r for r in rows if (r["policy"], r["budget"]) in want]
+        ids = sample_ids(self.tokenizer, sample)
+        rows = self._ours(sample, ids)
+        full_text = next((r["prediction"] for r in rows if r["policy"] == "full"), None)
+        if any(p in NATIVE for p in self.config.policies):
+            if full_text is None:
+                full_text = self._full_text(sample, ids)
+            rows += self._native(sample, ids, full_text)
+        cached.write_text(json.dumps(rows))
+        return rows
+
+    def _full_text(self, sample: Sample, ids: list[int]) -> str:
+        seq = self.engine.add_request(ids, GenerationConfig(max_new_tokens=sample.max_new_tokens,
+                                                            eos_token_id=self.tokenizer.eos_token_id), eviction=None)
+        while self.engine.has_unfinished:
+            self.engine.step()
+        return self._text(seq)
+
+
+def summarize(rows: list[dict], policies: list[str], budgets: list[float]) -> list[dict]:
+    summary = []
+    for policy in policies:
+        for budget in budgets:
+            sel = [r for r in rows if r["policy"] == policy and r["budget"] == budget]
+            if not sel:
+                continue
+            mean, ci = mean_and_ci([r["score"] for r in sel])
+            finite = lambda key: [r[key] for r in sel if r[key] is not None]  # noqa: E731
+            summary.append({
+                "policy": policy, "budget": budget, "n": len(sel), "score": mean,
+                "score_ci95": None if np.isnan(ci) else ci,
+                "faithfulness": float(np.mean([r["exact_match_full"] for r in sel])),
+                "rouge_l_full": float(np.mean([r["rouge_l_full"] for r in sel])),
+                "nll": float(np.mean(finite("nll"))) if finite("nll") else None,
+                "kl": float(np.mean(finite("kl"))) if finite("kl") else None,
+                "kv_bytes_per_seq": float(np.mean([r["kv_bytes"] for r in sel])),
+                "budget_tokens_mean": float(np.mean([r["budget_tokens"] for r in sel])),
+                "latency_s": float(np.mean([r["latency_s"] for r in sel])),
+            })
+    return summary
+
+
+def report_markdown(summary: list[dict], meta: dict) -> str:
+    lines = [f"# Evaluation: {meta['suite']} on {Path(meta['model']).name}", "",
+             f"Command: `{meta['command']}`", "",
+             "| policy | budget | n | score | ±95% | faithfulness | ROUGE-L vs full | NLL | KL | KV MiB/seq | latency s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+    for s in summary:
+        lines.append(f"| {s['policy']} | {s['budget']:g} | {s['n']} | {s['score']:.1f} | {fmt(s['score_ci95'], '.1f')} | "
+                     f"{s['faithfulness']:.1f} | {s['rouge_l_full']:.1f} | {fmt(s['nll'], '.3f')} | {fmt(s['kl'], '.4f')} | "
+                     f"{s['kv_bytes_per_seq'] / 2**20:.2f} | {s['latency_s']:.2f} |")
+    f = meta.get("fanout")
+    if f:
+        lines += ["", f"Fan-out: {f['runs']} runs from {meta['n_samples']} prefills; prefill {f['prefill_s']:.1f} s, "
+                      f"shared decoding {f['fanout_decode_s']:.1f} s; separate runs would have prefilled "
+                      f"{f['runs'] / max(meta['n_samples'], 1):.0f}x per sample (estimated saving {f['saving_s']:.0f} s, "
+                      f"{100 * f['saving_fraction']:.0f}% of the separate-run time)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy in dict.fromkeys(s["policy"] for s in summary):
+        pts = sorted((s["kv_bytes_per_seq"] / 2**20, s["score"], s["score_ci95"] or 0.0) for s in summary if s["policy"] == policy)
+        x, y, e = zip(*pts)
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=policy)
+    ax.set_xlabel("KV memory per sequence (MiB)")
+    ax.set_ylabel("score (0-100)")
+    ax.set_title("Score vs KV budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_eval(model_dir: Path, samples: list[Sample], config: EvalConfig, out_dir: Path, meta: dict,
+             progress: bool = True) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(model_dir, config, out_dir)
+    rows: list[dict] = []
+    for sample in tqdm(samples, desc="eval", disable=not progress, unit="sample"):
+        rows += runner.run_sample(sample)
+    summary = summarize(rows, config.policies, config.budgets)
+    t = runner.timing
+    n_prefills = max(1, len({r["id"] for r in rows}))
+    fanout = None
+    if t["runs"]:
+        per_prefill = t["prefill_s"] / n_prefills
+        separate = t["runs"] / n_prefills * t["prefill_s"] + t["fanout_decode_s"]
+        fanout = {**t, "saving_s": separate - (t["prefill_s"] + t["fanout_decode_s"]),
+                  "saving_fraction": 1 - (t["prefill_s"] + t["fanout_decode_s"]) / separate, "prefill_s_per_sample": per_prefill}
+    meta = {**meta, "model": str(model_dir), "n_samples": len(samples), "config": asdict(config), "fanout": fanout,
+            "kv_precision": runner.engine.runner.layout.precision}
+    result = {"summary": summary, "meta": meta, "samples": rows}
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "report.md").write_text(report_markdown(summary, meta))
+    plot(summary, out_dir / "plot.png")
+    return result
