@@ -30,6 +30,24 @@ NATIVE = {"native-snapkv": "snapkv", "native-kvcrush": "kvcrush-block"}
 ALL_POLICIES = tuple(POLICIES) + tuple(NATIVE)
 
 
+def parse_policy(spec: str) -> tuple[str, dict]:
+    """"kvcrush" or a variant "kvcrush:representative_fraction=0.1;anchors=alternate" -> (name, options)."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(";")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"policy variant {spec!r}: options are KEY=VALUE separated by ';'")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        options[key] = value
+    return name, options
+
+
 @dataclass
 class EvalConfig:
     policies: list[str]
@@ -40,7 +58,7 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = [p for p in self.policies if p not in ALL_POLICIES]
+        unknown = [p for p in self.policies if parse_policy(p)[0] not in ALL_POLICIES]
         if unknown or not self.policies:
             raise ConfigError(f"unknown policy(ies) {unknown}; choose from {', '.join(ALL_POLICIES)}")
         bad = [b for b in self.budgets if not (isinstance(b, (int, float)) and b > 0)]
@@ -93,12 +111,13 @@ class Runner:
         t_prefill = time.perf_counter() - t0
         runs = {}
         for policy in self.config.policies:
-            if policy in NATIVE or policy == "full":
+            name, variant = parse_policy(policy)
+            if name in NATIVE or name == "full":
                 continue
-            options = (self.config.policy_options or {}).get(policy, {})
+            options = {**(self.config.policy_options or {}).get(name, {}), **variant}
             for budget in self.config.budgets:
-                tokens = budget_tokens(budget, len(ids), make_policy(policy, **options).protected_tokens)
-                ev = CacheEvictionConfig(policy, budget=tokens, options=options)
+                tokens = budget_tokens(budget, len(ids), make_policy(name, **options).protected_tokens)
+                ev = CacheEvictionConfig(name, budget=tokens, options=options)
                 if parent.is_finished:  # one-token answer: nothing to fork, every policy saw the full prompt
                     runs[(policy, budget)] = (tokens, parent, None, t0)
                     continue
@@ -163,11 +182,12 @@ class Runner:
 
         rows = []
         for policy in self.config.policies:
-            if policy not in NATIVE:
+            name, variant = parse_policy(policy)
+            if name not in NATIVE:
                 continue
             for budget in self.config.budgets:
-                ours = CacheEvictionConfig(NATIVE[policy], budget=budget_tokens(budget, len(ids), 128),
-                                           options={"window": 8, "sink_tokens": 32, "recent_tokens": 64})
+                ours = CacheEvictionConfig(NATIVE[name], budget=budget_tokens(budget, len(ids), 128),
+                                           options={"window": 8, "sink_tokens": 32, "recent_tokens": 64, **variant})
                 sc = ov_genai.SchedulerConfig()
                 sc.cache_size = max(1, int(round(self.config.cache_size)))
                 if len(ids) > ours.budget:
