@@ -57,7 +57,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=0, help="KV pool size in blocks (overrides --cache-size)")
     p.add_argument("--max-num-batched-tokens", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--kv-precision", choices=["f32", "f16", "u8", "u4"], default=None,
+    p.add_argument("--kv-precision", choices=["f32", "f16", "bf16", "u8", "u4"], default=None,
                    help="KV cache precision (default: the device's)")
 
 

@@ -111,7 +111,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 256
     max_num_seqs: int = 256
     cache_eviction_config: Any = None  # a CacheEvictionConfig (eviction issue); None = full cache
-    kv_cache_precision: str | None = None  # "f32" | "f16" | "u8" | None (device default)
+    kv_cache_precision: str | None = None  # "f32" | "f16" | "bf16" | "u8" | "u4" | None (device default)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -127,8 +127,8 @@ class SchedulerConfig:
                f"max_num_batched_tokens must be an integer >= 1, got {self.max_num_batched_tokens!r}")
         _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
                f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
-        _check(self.kv_cache_precision in (None, "f32", "f16", "u8", "u4"),
-               f"kv_cache_precision must be one of f32, f16, u8, u4 or None, got {self.kv_cache_precision!r}")
+        _check(self.kv_cache_precision in (None, "f32", "f16", "bf16", "u8", "u4"),
+               f"kv_cache_precision must be one of f32, f16, bf16, u8, u4 or None, got {self.kv_cache_precision!r}")
 
     @classmethod
     def from_any(cls, config: Any) -> "SchedulerConfig":

@@ -208,3 +208,15 @@ def test_accepts_openvino_genai_configs(tiny_llama_dir):
     res = p.generate("What is the capital of France?", gc)
     assert len(res.token_ids[0]) == 7
     assert p.engine.scheduler.max_num_batched_tokens == 128
+
+
+def test_kv_precision_the_device_does_not_honour_is_an_error_not_silent(tiny_llama_dir):
+    """On CPUs whose inference precision is bf16, OpenVINO compiles a bf16 cache when f16 is asked."""
+    import openvino as ov
+    if ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT") != ov.Type.bf16:
+        pytest.skip("this CPU does not infer in bf16 by default")
+    with pytest.raises(kvcrush_ov.ConfigError, match="INFERENCE_PRECISION_HINT"):
+        kvcrush_ov.LLMPipeline(tiny_llama_dir, scheduler_config=SchedulerConfig(cache_size=0.05, kv_cache_precision="f16"))
+    p = kvcrush_ov.LLMPipeline(tiny_llama_dir, scheduler_config=SchedulerConfig(cache_size=0.05, kv_cache_precision="f16"),
+                               INFERENCE_PRECISION_HINT="f16")
+    assert p.engine.runner.layout.precision == "f16"

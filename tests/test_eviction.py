@@ -224,3 +224,35 @@ def test_pyramidkv_holds_different_lengths_per_layer(tiny_llama_dir, tok):
     assert s.num_generated == 70 and s.kv_state.num_evictions >= 2
     assert (s.layer_lens(e.runner.num_layers) < s.kv_state.targets + e.runner.block_size).all()
     assert e.blocks.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("precision", ["u8", "f16"])
+def test_eviction_on_quantized_and_half_caches(tiny_llama_dir, tok, precision):
+    """u8 caches are compiled with keys quantized per token when eviction is on, so a kept token is
+    one self-contained row (scale and zero-point travel with it)."""
+    ids = tok.prepare(PROMPT, True)
+    e = LLMEngine(tiny_llama_dir, "CPU", SchedulerConfig(cache_size=0.05, kv_cache_precision=precision,
+                  cache_eviction_config=CacheEvictionConfig("snapkv", budget=48, options=small_options("snapkv"))),
+                  {"INFERENCE_PRECISION_HINT": "f32"})  # bf16 inference would turn an f16 cache into bf16
+    assert e.runner.layout.precision == precision and e.runner.layout.token_rows
+    before = {}
+    real = e.evictor._evict
+
+    def capture(seq, plan, st):
+        before["k"] = e.runner.kv.read_keys(0, e.blocks.tables[seq.seq_id][0], seq.cache_len).copy()
+        keep_mask = plan.policy.keep_mask
+        object.__setattr__(plan.policy, "keep_mask", lambda stats, budget: before.setdefault("mask", keep_mask(stats, budget)))
+        try:
+            real(seq, plan, st)
+        finally:
+            object.__delattr__(plan.policy, "keep_mask")
+
+    e.evictor._evict = capture
+    s = e.add_request(ids, GenerationConfig(max_new_tokens=40, ignore_eos=True))
+    e.step()
+    e.evictor._evict = real
+    after = e.runner.kv.read_keys(0, e.blocks.tables[s.seq_id][0], s.cache_len)
+    for h in range(e.runner.num_kv_heads):
+        np.testing.assert_array_equal(after[h], before["k"][h][before["mask"][0, h]])
+    run(e)
+    assert s.num_generated == 40 and e.blocks.num_used_blocks == 0

@@ -12,7 +12,8 @@ from ..errors import ConfigError
 
 PRECISION_NAMES = {ov.Type.f32: "f32", ov.Type.f16: "f16", ov.Type.bf16: "bf16", ov.Type.u8: "u8",
                    ov.Type.i8: "i8", ov.Type.u4: "u4"}
-TOKEN_ROW_PRECISIONS = ("f32", "f16", "bf16")  # one row per token: compaction is a row copy
+FLOAT_PRECISIONS = ("f32", "f16", "bf16")
+QUANT_HEADER_BYTES = 8  # u8 rows/blocks carry an f32 scale and an f32 zero-point
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,34 @@ class CacheLayout:
     def num_kv_heads(self) -> int:
         return self.key_shape[0]
 
+    @property
+    def keys_by_channel(self) -> bool:
+        """u8 keys quantized per block and channel: [Hkv, 8 + bs, hd] with scale/zp rows on top."""
+        return self.precision == "u8" and self.key_shape[1] == self.block_size + QUANT_HEADER_BYTES
+
+    @property
+    def token_rows(self) -> bool:
+        """Every token is one self-contained row of keys and of values (float, or u8 by token), so
+        moving a token is a row copy."""
+        return self.precision in FLOAT_PRECISIONS or (self.precision == "u8" and not self.keys_by_channel)
+
 
 def _to_f32(x: np.ndarray, precision: str) -> np.ndarray:
     if precision == "bf16":  # OpenVINO hands bf16 storage out as a 2-byte dtype: reinterpret the bits
         return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if precision == "u8":  # rows of [f32 scale, f32 zero-point, hd bytes]: (q - zp) * scale
+        head = np.ascontiguousarray(x[..., :QUANT_HEADER_BYTES]).view(np.float32)
+        return (x[..., QUANT_HEADER_BYTES:].astype(np.float32) - head[..., 1:2]) * head[..., 0:1]
     return x.astype(np.float32, copy=False)
+
+
+def _dequantize_by_channel(k: np.ndarray) -> np.ndarray:
+    """u8 key blocks [..., 8 + bs, hd]: rows 0-3 hold f32 scale[hd], rows 4-7 f32 zero-point[hd]."""
+    head = np.ascontiguousarray(k[..., :QUANT_HEADER_BYTES, :])
+    shape = head.shape[:-2]
+    scale = head[..., :4, :].reshape(*shape, -1).view(np.float32)[..., None, :]
+    zp = head[..., 4:, :].reshape(*shape, -1).view(np.float32)[..., None, :]
+    return (k[..., QUANT_HEADER_BYTES:, :].astype(np.float32) - zp) * scale
 
 
 class KVCache:
@@ -76,11 +100,13 @@ class KVCache:
 
     def read_keys(self, layer: int, table: list[int], num_slots: int) -> np.ndarray:
         """Keys of slots 0..num_slots-1 of one sequence, f32 [Hkv, num_slots, hd]."""
-        self.require_token_rows("per-head scoring")
+        if self.layout.precision not in FLOAT_PRECISIONS + ("u8",):
+            raise ConfigError(f"per-head scoring reads f32/f16/bf16/u8 KV caches, not {self.layout.precision}; "
+                              f"set SchedulerConfig(kv_cache_precision='u8' or 'f16')")
         blocks = np.asarray(table[: -(-num_slots // self.layout.block_size)], dtype=np.int64)
-        k = self.keys[layer][blocks]                       # [nb, Hkv, bs, hd]
-        k = k.transpose(1, 0, 2, 3).reshape(k.shape[1], -1, k.shape[3])[:, :num_slots]
-        return _to_f32(k, self.layout.precision)
+        k = self.keys[layer][blocks]                       # [nb, Hkv, bs(+8), hd(+8)]
+        k = _dequantize_by_channel(k) if self.layout.keys_by_channel else _to_f32(k, self.layout.precision)
+        return k.transpose(1, 0, 2, 3).reshape(k.shape[1], -1, k.shape[3])[:, :num_slots]
 
     def compact(self, layer: int, table: list[int], keep: np.ndarray) -> None:
         """Move kept slots keep[h] (sorted, [Hkv, n]) of each KV head to slots 0..n-1, in order.
@@ -96,6 +122,7 @@ class KVCache:
             cache[dst_block, heads, dst_off] = rows
 
     def require_token_rows(self, what: str) -> None:
-        if self.layout.precision not in TOKEN_ROW_PRECISIONS:
-            raise ConfigError(f"{what} needs a float KV cache (f32/f16/bf16), the compiled cache is "
-                              f"{self.layout.precision}; set SchedulerConfig(kv_cache_precision='f16')")
+        if not self.layout.token_rows:
+            raise ConfigError(f"{what} needs one row per token (f32/f16/bf16, or u8 with keys by token); the "
+                              f"compiled cache is {self.layout.precision}{' by channel' * self.layout.keys_by_channel}; "
+                              f"set SchedulerConfig(kv_cache_precision='f16' or 'u8')")

@@ -17,7 +17,6 @@ from ..config import GenerationConfig, SchedulerConfig
 from ..errors import CacheCapacityError, KVCrushError, PromptError
 from ..eviction_config import CacheEvictionConfig
 from .eviction import EvictionPlan, Evictor
-from .kv_cache import TOKEN_ROW_PRECISIONS
 from .model_runner import ModelRunner
 from .sampler import greedy_batch, sample
 from .scheduler import Scheduler
@@ -41,9 +40,11 @@ class LLMEngine:
         """enable_eviction: build for per-request eviction even without a default cache_eviction_config."""
         self.config = SchedulerConfig.from_any(scheduler_config)
         evicting = enable_eviction or self.config.cache_eviction_config is not None
+        if evicting:  # compaction moves token rows: u8 keys must be quantized per token, not per block
+            properties = {"KEY_CACHE_QUANT_MODE": "BY_TOKEN", **(properties or {})}
         self.runner = self._make_runner(model_dir, device, properties, self.config.kv_cache_precision, evicting)
-        if evicting and self.config.kv_cache_precision is None and self.runner.layout.precision not in TOKEN_ROW_PRECISIONS:
-            # Compaction moves token rows; the device's default (e.g. u8 with per-block key scales) has none.
+        if evicting and self.config.kv_cache_precision is None and not self.runner.layout.token_rows:
+            # e.g. a u4 device default: fall back to f16, which every CPU offers
             self.runner = self._make_runner(model_dir, device, properties, "f16", evicting)
         self.blocks = self.runner.make_block_manager()
         self.evictor = Evictor(self.runner, self.blocks)

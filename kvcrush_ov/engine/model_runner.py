@@ -16,12 +16,12 @@ import numpy as np
 import openvino as ov
 
 from .. import transforms
-from ..errors import CacheCapacityError, ModelError
+from ..errors import CacheCapacityError, ConfigError, ModelError
 from .block_manager import BlockManager
 from .kv_cache import KVCache
 from .scheduler import ScheduledChunk
 
-_PRECISIONS = {"f32": ov.Type.f32, "f16": ov.Type.f16, "u8": ov.Type.u8, "u4": ov.Type.u4}
+_PRECISIONS = {"f32": ov.Type.f32, "f16": ov.Type.f16, "bf16": ov.Type.bf16, "u8": ov.Type.u8, "u4": ov.Type.u4}
 
 
 def read_model_dir(model_dir: str | Path) -> tuple[Path, dict]:
@@ -76,6 +76,11 @@ class ModelRunner:
         self.num_blocks = num_kv_blocks or self._blocks_for_gb(cache_size_gb)
         self.kv = KVCache(self.compiled, self.request, self.num_layers, self.num_blocks)
         self.layout = self.kv.layout
+        if kv_cache_precision is not None and self.layout.precision != kv_cache_precision:
+            raise ConfigError(f"KV cache precision {kv_cache_precision} was asked but {device} compiled "
+                              f"{self.layout.precision} (inference precision "
+                              f"{self.compiled.get_property('INFERENCE_PRECISION_HINT')}); pass "
+                              f"INFERENCE_PRECISION_HINT='f16' or 'f32' as a property, or use {self.layout.precision}")
         self.block_size = self.layout.block_size
         self.num_kv_heads = self.layout.num_kv_heads
         self.head_size = self.info.kv_width // self.num_kv_heads
