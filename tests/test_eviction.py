@@ -63,12 +63,9 @@ def test_budget_above_length_equals_full_cache(tiny_llama_dir, tok, policy):
     assert ev.blocks.num_used_blocks == 0
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_eviction_compacts_kept_rows_per_head(tiny_llama_dir, tok, policy):
-    ids = tok.prepare(PROMPT, True)
-    e = make_engine(tiny_llama_dir, CacheEvictionConfig(policy, budget=48, options=small_options(policy)),
-                    max_num_batched_tokens=len(ids))  # the prompt in one chunk
-    captured = {}
+def step_capturing_first_eviction(e: LLMEngine) -> dict:
+    """Run one engine step; return every layer's keys just before the first eviction and the policy's mask."""
+    captured: dict = {}
     real = e.evictor._evict
 
     def capture(seq, plan, st):
@@ -82,8 +79,20 @@ def test_eviction_compacts_kept_rows_per_head(tiny_llama_dir, tok, policy):
             object.__delattr__(plan.policy, "keep_mask")
 
     e.evictor._evict = capture
+    try:
+        e.step()
+    finally:
+        e.evictor._evict = real
+    return captured
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_eviction_compacts_kept_rows_per_head(tiny_llama_dir, tok, policy):
+    ids = tok.prepare(PROMPT, True)
+    e = make_engine(tiny_llama_dir, CacheEvictionConfig(policy, budget=48, options=small_options(policy)),
+                    max_num_batched_tokens=len(ids))  # the prompt in one chunk
     s = e.add_request(ids, GenerationConfig(max_new_tokens=2, ignore_eos=True))
-    e.step()  # prefill + eviction
+    captured = step_capturing_first_eviction(e)  # prefill + eviction
     assert s.cache_len == 48 and s.kv_state.tokens_evicted == len(ids) - 48
     mask = captured["mask"]
     assert mask.shape == (e.runner.num_layers, e.runner.num_kv_heads, len(ids))
@@ -235,24 +244,10 @@ def test_eviction_on_quantized_and_half_caches(tiny_llama_dir, tok, precision):
                   cache_eviction_config=CacheEvictionConfig("snapkv", budget=48, options=small_options("snapkv"))),
                   {"INFERENCE_PRECISION_HINT": "f32"})  # bf16 inference would turn an f16 cache into bf16
     assert e.runner.layout.precision == precision and e.runner.layout.token_rows
-    before = {}
-    real = e.evictor._evict
-
-    def capture(seq, plan, st):
-        before["k"] = e.runner.kv.read_keys(0, e.blocks.tables[seq.seq_id][0], seq.cache_len).copy()
-        keep_mask = plan.policy.keep_mask
-        object.__setattr__(plan.policy, "keep_mask", lambda stats, budget: before.setdefault("mask", keep_mask(stats, budget)))
-        try:
-            real(seq, plan, st)
-        finally:
-            object.__delattr__(plan.policy, "keep_mask")
-
-    e.evictor._evict = capture
     s = e.add_request(ids, GenerationConfig(max_new_tokens=40, ignore_eos=True))
-    e.step()
-    e.evictor._evict = real
+    before = step_capturing_first_eviction(e)
     after = e.runner.kv.read_keys(0, e.blocks.tables[s.seq_id][0], s.cache_len)
     for h in range(e.runner.num_kv_heads):
-        np.testing.assert_array_equal(after[h], before["k"][h][before["mask"][0, h]])
+        np.testing.assert_array_equal(after[h], before["before"][0][h][before["mask"][0, h]])
     run(e)
     assert s.num_generated == 40 and e.blocks.num_used_blocks == 0
