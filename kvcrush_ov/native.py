@@ -34,6 +34,11 @@ def to_native_eviction(config: CacheEvictionConfig, block_size: int = 32) -> ov_
     if config.policy == "kvcrush-block":
         crush_blocks = int(o.get("budget_blocks") or max(1, round(0.25 * config.budget / block_size)))
     max_size = _round_down(config.budget - crush_blocks * block_size, block_size)
+    # Small budgets: shrink the protected windows (block by block) before giving up, as a user would.
+    while max_size <= start + recent and recent > block_size:
+        recent -= block_size
+    while max_size <= start + recent and start > block_size:
+        start -= block_size
     if max_size <= start + recent:
         raise ConfigError(f"budget {config.budget} leaves no evictable room natively (max_cache_size {max_size} "
                           f"<= start {start} + recent {recent}); raise the budget")
