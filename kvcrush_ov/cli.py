@@ -126,8 +126,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         budgets = [float(b) for b in args.budgets.split(",") if b]
     except ValueError:
         raise KVCrushError(f"--budgets takes comma-separated numbers, got {args.budgets!r}") from None
+    if args.budget_bytes:
+        try:
+            budgets = [float(b) for b in args.budget_bytes.split(",") if b]
+        except ValueError:
+            raise KVCrushError(f"--budget-bytes takes comma-separated numbers, got {args.budget_bytes!r}") from None
+    properties = {"INFERENCE_PRECISION_HINT": args.inference_precision} if args.inference_precision else None
     config = EvalConfig(policies=[p for p in args.policies.split(",") if p], budgets=budgets, device=args.device,
-                        cache_size=args.cache_size, policy_options=options or None, seed=args.seed)
+                        cache_size=args.cache_size, policy_options=options or None, seed=args.seed,
+                        budget_bytes=bool(args.budget_bytes), properties=properties)
+    precisions = [p or None for p in args.kv_precisions.split(",")] if args.kv_precisions else None
     tok = Tokenizer(model_dir)
     kwargs = {}
     if args.suite == "ruler-mini":
@@ -139,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.limit:
         samples = samples[: args.limit]
     meta = {"suite": args.suite, "command": "kvcrush-ov " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "seed": args.seed}
-    result = run_eval(model_dir, samples, config, Path(args.out), meta)
+    result = run_eval(model_dir, samples, config, Path(args.out), meta, kv_precisions=precisions)
     print((Path(args.out) / "report.md").read_text())
     print(f"wrote {Path(args.out) / 'results.json'}, report.md, plot.png ({len(result['samples'])} rows)")
 
@@ -196,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="first N samples only")
     p.add_argument("--policy-option", action="append", metavar="POLICY.KEY=VALUE")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-precisions", default="", help="e.g. bf16,u8: run the grid per KV precision")
+    p.add_argument("--budget-bytes", default="", help="budgets as KV bytes per sequence (overrides --budgets)")
+    p.add_argument("--inference-precision", default="", help="INFERENCE_PRECISION_HINT, e.g. f32 (f16 KV needs f16/f32)")
     p.add_argument("--out", default="eval-out")
     p.set_defaults(func=cmd_eval)
 

@@ -72,3 +72,16 @@ def test_resume_uses_cache(result, tiny_llama_dir):
     again = run_eval(tiny_llama_dir, samples(), config, out, {"suite": "test", "command": "pytest"}, progress=False)
     after = {p.name: p.stat().st_mtime_ns for p in (out / "samples").rglob("*.json")}
     assert before == after and again["summary"] == res["summary"]
+
+
+def test_equal_bytes_across_kv_precisions(tiny_llama_dir, tmp_path):
+    """--kv-precisions bf16/f32,u8 --budget-bytes: each precision keeps as many tokens as the bytes buy."""
+    config = EvalConfig(policies=["snapkv"], budgets=[80_000.0], budget_bytes=True,
+                        properties={"INFERENCE_PRECISION_HINT": "f32"})
+    res = run_eval(tiny_llama_dir, samples()[:1], config, tmp_path, {"suite": "t", "command": "pytest"},
+                   progress=False, kv_precisions=["f32", "u8"])
+    rows = {r["kv_precision"]: r for r in res["summary"]}
+    assert set(rows) == {"f32", "u8"} and all("kv_precision" in r for r in res["summary"])
+    # u8 rows cost ~1/4 of f32 ones (+8 bytes of scale/zero-point per row): ~3x the tokens for the bytes
+    assert rows["u8"]["budget_tokens_mean"] > 2.5 * rows["f32"]["budget_tokens_mean"]
+    assert abs(rows["u8"]["kv_bytes_per_seq"] - rows["f32"]["kv_bytes_per_seq"]) < 0.35 * rows["f32"]["kv_bytes_per_seq"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,9 @@ class EvalConfig:
     cache_size: float = 1.0
     policy_options: dict | None = None  # {policy: {option: value}} for our policies
     seed: int = 0
+    kv_precision: str | None = None     # None: the device's default
+    budget_bytes: bool = False          # budgets are KV bytes per sequence (equal-bytes comparison)
+    properties: dict | None = None      # OpenVINO compile properties (e.g. INFERENCE_PRECISION_HINT)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.policies if parse_policy(p)[0] not in ALL_POLICIES]
@@ -67,7 +70,8 @@ class EvalConfig:
 
     def key(self, model_dir: Path) -> str:
         """Identifies cached per-sample results: a change of model or settings recomputes them."""
-        blob = json.dumps([str(model_dir), self.device, self.policy_options, self.seed], sort_keys=True, default=str)
+        blob = json.dumps([str(model_dir), self.device, self.policy_options, self.seed, self.kv_precision,
+                           self.budget_bytes, self.properties], sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -91,13 +95,20 @@ class Runner:
 
         self.model_dir, self.config, self.out_dir = Path(model_dir), config, Path(out_dir)
         self.tokenizer = Tokenizer(self.model_dir)
-        self.engine = LLMEngine(self.model_dir, config.device, SchedulerConfig(cache_size=config.cache_size),
-                                decode=self.tokenizer.decode, enable_eviction=True,
+        self.engine = LLMEngine(self.model_dir, config.device,
+                                SchedulerConfig(cache_size=config.cache_size, kv_cache_precision=config.kv_precision),
+                                config.properties, decode=self.tokenizer.decode, enable_eviction=True,
                                 eos_token_ids=frozenset({self.tokenizer.eos_token_id}))
         self.bytes_per_token = self.engine.runner.bytes_per_block // self.engine.runner.block_size
         self.cache_dir = self.out_dir / "samples" / config.key(self.model_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.timing = {"prefill_s": 0.0, "fanout_decode_s": 0.0, "runs": 0}
+        self.precision = self.engine.runner.layout.precision
+
+    def _tokens(self, budget: float, prompt_len: int, minimum: int) -> int:
+        if self.config.budget_bytes:
+            return max(int(budget) // self.bytes_per_token, minimum)
+        return budget_tokens(budget, prompt_len, minimum)
 
     # -- our engine: one prefill, every policy/budget forked from it ---------------------------------
     def _ours(self, sample: Sample, ids: list[int]) -> list[dict]:
@@ -116,7 +127,7 @@ class Runner:
                 continue
             options = {**(self.config.policy_options or {}).get(name, {}), **variant}
             for budget in self.config.budgets:
-                tokens = budget_tokens(budget, len(ids), make_policy(name, **options).protected_tokens)
+                tokens = self._tokens(budget, len(ids), make_policy(name, **options).protected_tokens)
                 ev = CacheEvictionConfig(name, budget=tokens, options=options)
                 if parent.is_finished:  # one-token answer: nothing to fork, every policy saw the full prompt
                     runs[(policy, budget)] = (tokens, parent, None, t0)
@@ -167,6 +178,7 @@ class Runner:
 
     def _row(self, sample: Sample, ids, policy, budget, tokens, text, full_text, kv_slots, latency, nll_kl) -> dict:
         return {"id": sample.id, "task": sample.task, "length": sample.length, "prompt_tokens": len(ids),
+                "kv_precision": self.precision,
                 "policy": policy, "budget": budget, "budget_tokens": int(min(tokens, len(ids))),
                 "prediction": text, "score": score(sample.answer_prefix + text, sample.answers, sample.metric),
                 "exact_match_full": exact_match_rate([text], [full_text]), "rouge_l_full": 100 * rouge_l(text, full_text),
@@ -186,14 +198,14 @@ class Runner:
             if name not in NATIVE:
                 continue
             for budget in self.config.budgets:
-                ours = CacheEvictionConfig(NATIVE[name], budget=budget_tokens(budget, len(ids), 128),
+                ours = CacheEvictionConfig(NATIVE[name], budget=self._tokens(budget, len(ids), 128),
                                            options={"window": 8, "sink_tokens": 32, "recent_tokens": 64, **variant})
                 sc = ov_genai.SchedulerConfig()
                 sc.cache_size = max(1, int(round(self.config.cache_size)))
                 if len(ids) > ours.budget:
                     sc.use_cache_eviction = True
                     sc.cache_eviction_config = to_native_eviction(ours, self.engine.runner.block_size)
-                props = {"KV_CACHE_PRECISION": self.engine.runner.layout.precision}  # equal bytes per token
+                props = {**(self.config.properties or {}), "KV_CACHE_PRECISION": self.precision}  # equal bytes/token
                 t0 = time.perf_counter()
                 cb = ov_genai.ContinuousBatchingPipeline(str(self.model_dir), sc, self.config.device, props)
                 gc = ov_genai.GenerationConfig()
@@ -217,7 +229,7 @@ class Runner:
         ids = sample_ids(self.tokenizer, sample)
         rows = self._ours(sample, ids)
         full_text = next((r["prediction"] for r in rows if r["policy"] == "full"), None)
-        if any(p in NATIVE for p in self.config.policies):
+        if any(parse_policy(p)[0] in NATIVE for p in self.config.policies):
             if full_text is None:
                 full_text = self._full_text(sample, ids)
             rows += self._native(sample, ids, full_text)
@@ -234,15 +246,14 @@ class Runner:
 
 def summarize(rows: list[dict], policies: list[str], budgets: list[float]) -> list[dict]:
     summary = []
-    for policy in policies:
-        for budget in budgets:
-            sel = [r for r in rows if r["policy"] == policy and r["budget"] == budget]
-            if not sel:
-                continue
+    for precision, policy, budget in [(k, p, b) for k in dict.fromkeys(r["kv_precision"] for r in rows)
+                                      for p in policies for b in budgets]:
+        sel = [r for r in rows if r["policy"] == policy and r["budget"] == budget and r["kv_precision"] == precision]
+        if sel:
             mean, ci = mean_and_ci([r["score"] for r in sel])
             finite = lambda key: [r[key] for r in sel if r[key] is not None]  # noqa: E731
             summary.append({
-                "policy": policy, "budget": budget, "n": len(sel), "score": mean,
+                "policy": policy, "budget": budget, "kv_precision": precision, "n": len(sel), "score": mean,
                 "score_ci95": None if np.isnan(ci) else ci,
                 "faithfulness": float(np.mean([r["exact_match_full"] for r in sel])),
                 "rouge_l_full": float(np.mean([r["rouge_l_full"] for r in sel])),
@@ -258,11 +269,11 @@ def summarize(rows: list[dict], policies: list[str], budgets: list[float]) -> li
 def report_markdown(summary: list[dict], meta: dict) -> str:
     lines = [f"# Evaluation: {meta['suite']} on {Path(meta['model']).name}", "",
              f"Command: `{meta['command']}`", "",
-             "| policy | budget | n | score | ±95% | faithfulness | ROUGE-L vs full | NLL | KL | KV MiB/seq | latency s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| policy | budget | KV | n | score | ±95% | faithfulness | ROUGE-L vs full | NLL | KL | KV MiB/seq | latency s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     for s in summary:
-        lines.append(f"| {s['policy']} | {s['budget']:g} | {s['n']} | {s['score']:.1f} | {fmt(s['score_ci95'], '.1f')} | "
+        lines.append(f"| {s['policy']} | {s['budget']:g} | {s['kv_precision']} | {s['n']} | {s['score']:.1f} | {fmt(s['score_ci95'], '.1f')} | "
                      f"{s['faithfulness']:.1f} | {s['rouge_l_full']:.1f} | {fmt(s['nll'], '.3f')} | {fmt(s['kl'], '.4f')} | "
                      f"{s['kv_bytes_per_seq'] / 2**20:.2f} | {s['latency_s']:.2f} |")
     f = meta.get("fanout")
@@ -280,10 +291,13 @@ def plot(summary: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy in dict.fromkeys(s["policy"] for s in summary):
-        pts = sorted((s["kv_bytes_per_seq"] / 2**20, s["score"], s["score_ci95"] or 0.0) for s in summary if s["policy"] == policy)
+    precisions = list(dict.fromkeys(s["kv_precision"] for s in summary))
+    for precision, policy in dict.fromkeys((s["kv_precision"], s["policy"]) for s in summary):
+        pts = sorted((s["kv_bytes_per_seq"] / 2**20, s["score"], s["score_ci95"] or 0.0) for s in summary
+                     if s["policy"] == policy and s["kv_precision"] == precision)
         x, y, e = zip(*pts)
-        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=policy)
+        label = policy if len(precisions) == 1 else f"{policy} ({precision})"
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label, linestyle="-" if precision == precisions[0] else "--")
     ax.set_xlabel("KV memory per sequence (MiB)")
     ax.set_ylabel("score (0-100)")
     ax.set_title("Score vs KV budget")
@@ -295,16 +309,19 @@ def plot(summary: list[dict], path: Path) -> None:
 
 
 def run_eval(model_dir: Path, samples: list[Sample], config: EvalConfig, out_dir: Path, meta: dict,
-             progress: bool = True) -> dict:
+             progress: bool = True, kv_precisions: list[str | None] | None = None) -> dict:
+    """kv_precisions: run the whole grid once per KV cache precision (equal-bytes comparisons)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runner = Runner(model_dir, config, out_dir)
     rows: list[dict] = []
-    for sample in tqdm(samples, desc="eval", disable=not progress, unit="sample"):
-        rows += runner.run_sample(sample)
+    t = {"prefill_s": 0.0, "fanout_decode_s": 0.0, "runs": 0}
+    for precision in kv_precisions or [config.kv_precision]:
+        runner = Runner(model_dir, replace(config, kv_precision=precision), out_dir)
+        for sample in tqdm(samples, desc=f"eval ({runner.precision} KV)", disable=not progress, unit="sample"):
+            rows += runner.run_sample(sample)
+        t = {k: t[k] + v for k, v in runner.timing.items()}
     summary = summarize(rows, config.policies, config.budgets)
-    t = runner.timing
-    n_prefills = max(1, len({r["id"] for r in rows}))
+    n_prefills = max(1, len({(r["id"], r["kv_precision"]) for r in rows}))
     fanout = None
     if t["runs"]:
         per_prefill = t["prefill_s"] / n_prefills
@@ -312,7 +329,7 @@ def run_eval(model_dir: Path, samples: list[Sample], config: EvalConfig, out_dir
         fanout = {**t, "saving_s": separate - (t["prefill_s"] + t["fanout_decode_s"]),
                   "saving_fraction": 1 - (t["prefill_s"] + t["fanout_decode_s"]) / separate, "prefill_s_per_sample": per_prefill}
     meta = {**meta, "model": str(model_dir), "n_samples": len(samples), "config": asdict(config), "fanout": fanout,
-            "kv_precision": runner.engine.runner.layout.precision}
+            "kv_precisions": sorted({r["kv_precision"] for r in rows})}
     result = {"summary": summary, "meta": meta, "samples": rows}
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
     (out_dir / "report.md").write_text(report_markdown(summary, meta))
