@@ -301,14 +301,18 @@ def niah_multikey(rng, length, count_tokens, n_keys: int = 4):
                 meta=dict(depths=depths, keys=keys, values=vals, target=keys[t], units=n, tokens=toks))
 
 
-def niah_multivalue(rng, length, count_tokens, n_values: int = 3):
+def niah_multivalue(rng, length, count_tokens, n_values: int = 3, natural: bool = False):
+    """One key, several values to list. In noise by default: in natural text SmolLM2-135M (full
+    cache, 1024 tokens, n=4) scored 25 with 3 values and 50 with 2 (all-or-nothing); in noise, 42
+    with 3 values (graded partial credit)."""
     (key,) = _keys(rng, 1)
     vals = _numbers(rng, n_values)
     depths = _depths(rng, n_values)
     needles = lambda: [(d, f"One of the pass keys for the {key} is {v}.") for d, v in zip(depths, vals)]  # noqa: E731
-    hay, start = _natural_haystack(rng, needles)
+    hay, start = (_natural_haystack if natural else _noise_haystack)(rng, needles)
+    intro = _INTRO_KEYS if natural else _INTRO_KEYS.replace("some documentation text", "some text")
     q = f"What are all the pass keys for the {key}? List the numbers only."
-    n, prompt, toks = _fit(lambda n: f"{_INTRO_KEYS}\n\n{hay(n)}\n\n{q}", length, count_tokens,
+    n, prompt, toks = _fit(lambda n: f"{intro}\n\n{hay(n)}\n\n{q}", length, count_tokens,
                            "niah_multivalue")
     return dict(prompt=prompt, answers=vals, metric="contains", max_new_tokens=32,
                 answer_prefix=f"The pass keys for the {key} are",
