@@ -39,10 +39,17 @@ class BlockManager:
         return self.tables[seq_id][layer]
 
     def num_new_blocks(self, seq_id: int, num_slots: int) -> int:
-        """Blocks still to allocate (per layer, the max) so that the sequence holds num_slots slots."""
+        """Blocks still to allocate (per layer, the max) so that the sequence holds num_slots slots,
+        counting the private copy allocate() makes of a last block shared with a fork."""
         tables = self.tables.get(seq_id)
-        have = min(len(t) for t in tables) if tables else 0
-        return max(0, self.blocks_for(num_slots) - have)
+        if not tables:
+            return self.blocks_for(num_slots)
+        return max(max(0, self.blocks_for(num_slots) - len(t)) + self._copies_last(layer, t, num_slots)
+                   for layer, t in enumerate(tables))
+
+    def _copies_last(self, layer: int, table: list[int], num_slots: int) -> int:
+        """1 if allocate() must copy the table's last block first (shared copy-on-write), else 0."""
+        return int(bool(table) and num_slots > 0 and self._ref[layer, table[-1]] > 1)
 
     def can_hold(self, seq_id: int, num_slots: int) -> bool:
         return self.num_new_blocks(seq_id, num_slots) <= self.num_free_blocks
@@ -61,7 +68,7 @@ class BlockManager:
         for layer, table in enumerate(tables):
             need = self.blocks_for(int(slots[layer]))
             free = self._free[layer]
-            if need - len(table) > len(free):
+            if max(0, need - len(table)) + self._copies_last(layer, table, int(slots[layer])) > len(free):
                 raise KVCrushError(f"KV pool exhausted in layer {layer}: scheduler admitted more than fits")
             if table and self._ref[layer, table[-1]] > 1 and slots[layer] > 0:
                 # Writing into a shared block: give this sequence its own copy first.
