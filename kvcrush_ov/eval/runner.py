@@ -180,7 +180,7 @@ class Runner:
         return {"id": sample.id, "task": sample.task, "length": sample.length, "prompt_tokens": len(ids),
                 "kv_precision": self.precision,
                 "policy": policy, "budget": budget, "budget_tokens": int(min(tokens, len(ids))),
-                "prediction": text, "score": score(sample.answer_prefix + text, sample.answers, sample.metric),
+                "prediction": text, "score": score(text, sample.answers, sample.metric),
                 "exact_match_full": exact_match_rate([text], [full_text]), "rouge_l_full": 100 * rouge_l(text, full_text),
                 "nll": nll_kl[0], "kl": nll_kl[1], "kv_bytes": int(kv_slots) * self.bytes_per_token,
                 "latency_s": float(latency)}
