@@ -83,6 +83,12 @@ class BlockManager:
                 table.append(block)
         return copies
 
+    def can_make_private(self, seq_id: int, num_slots: int) -> bool:
+        """Whether make_private(seq_id, num_slots) finds a free block for every block it must copy."""
+        n = self.blocks_for(num_slots)
+        return all(int((self._ref[layer, table[:n]] > 1).sum()) <= len(self._free[layer])
+                   for layer, table in enumerate(self.tables[seq_id]))
+
     def make_private(self, seq_id: int, num_slots: int) -> list[tuple[int, int, int]]:
         """Give the sequence its own copy of every shared block among those holding slots
         0..num_slots-1 (before compaction writes there). Returns the (layer, src, dst) copies to do."""

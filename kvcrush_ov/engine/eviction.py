@@ -124,6 +124,12 @@ class Evictor:
                 (seq.layer_lens(self.runner.num_layers) >= st.targets + self.runner.block_size).any())
         if not over:
             return False
+        # Compaction first gives the sequence private copies of blocks it shares with a fork; when the
+        # pool has no room for them, wait (retried every step; the scheduler preempts to free blocks).
+        keep = st.targets if seq.layer_offsets is not None else plan.policy.layer_budgets(
+            self.runner.num_layers, plan.budget, seq.cache_len)
+        if not self.blocks.can_make_private(seq.seq_id, int(np.max(keep))):
+            return False
         t0 = time.perf_counter()
         # Many small matmuls: multi-threaded OpenBLAS contends with OpenVINO's threads (measured 70 ms
         # vs 2.5 ms single-threaded for one layer's scores at 4k tokens).
