@@ -110,6 +110,7 @@ class LLMEngine:
                          num_computed=parent.num_computed, cache_len=parent.cache_len,
                          eviction=self._plan(eviction), first_token_time=parent.first_token_time,
                          peak_cache_len=parent.cache_len,
+                         layer_offsets=None if parent.layer_offsets is None else parent.layer_offsets.copy(),
                          kv_state=parent.kv_state.copy() if parent.kv_state is not None else None,
                          teacher=teacher, logprobs=[] if record_logprobs else None)
         self.blocks.fork(parent.seq_id, child.seq_id)
