@@ -220,3 +220,21 @@ def test_kv_precision_the_device_does_not_honour_is_an_error_not_silent(tiny_lla
     p = kvcrush_ov.LLMPipeline(tiny_llama_dir, scheduler_config=SchedulerConfig(cache_size=0.05, kv_cache_precision="f16"),
                                INFERENCE_PRECISION_HINT="f16")
     assert p.engine.runner.layout.precision == "f16"
+
+
+@pytest.mark.parametrize("precision, key_bytes_per_token, value_bytes_per_token", [
+    ("f32", 4 * 16, 4 * 16),
+    ("u8", 16 + 8 * 16 / 32, 16 + 8),     # keys by channel: 8 header rows of hd bytes per 32-token block
+    ("u4", 16 / 2 + 16 * 16 / 2 / 32, 16 / 2 + 16 / 2),  # u4: 16 header rows of hd nibbles per block; values hd/2 + 8 bytes
+])
+def test_kv_bytes_are_exact_per_precision(tiny_llama_dir, precision, key_bytes_per_token, value_bytes_per_token):
+    """tiny-llama: 2 layers, 2 KV heads, head_size 16, 32-token blocks; scales and zero-points included."""
+    e = LLMEngine(tiny_llama_dir, "CPU", SchedulerConfig(num_kv_blocks=8, cache_size=0, kv_cache_precision=precision),
+                  {"INFERENCE_PRECISION_HINT": "f32"})
+    layout = e.runner.layout
+    assert layout.precision == precision and layout.block_size == 32
+    per_block_layer = (key_bytes_per_token + value_bytes_per_token) * 32 * 2  # x 2 KV heads
+    assert layout.bytes_per_block == per_block_layer
+    assert e.runner.bytes_per_block == per_block_layer * 2  # x 2 layers
+    allocated = sum(t.get_byte_size() for t in e.runner.kv._tensors)
+    assert allocated == 8 * e.runner.bytes_per_block
