@@ -75,20 +75,24 @@ class LLMEngine:
             raise PromptError(f"prompt ({len(ids)} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the "
                               f"model's maximum position {max_pos}; shorten the prompt or lower max_new_tokens")
         plan = self._plan(eviction)
-        most = len(ids) + config.max_new_tokens
-        if plan is not None:  # the whole prompt is in cache once, then at most budget + a block
-            most = min(most, max(len(ids) + 1, plan.budget + self.blocks.block_size))
-        need = self.blocks.blocks_for(most)
-        if need > self.blocks.num_blocks:
-            raise CacheCapacityError(
-                f"one request needs {need} KV blocks ({len(ids)} prompt + {config.max_new_tokens} new tokens) but the "
-                f"pool has {self.blocks.num_blocks}; raise cache_size/num_kv_blocks or enable eviction")
+        self._check_fits(len(ids), config, plan)
         eos = frozenset({config.eos_token_id}) if config.eos_token_id >= 0 else self.eos_token_ids
         seq = Sequence(next(self._ids), ids, len(ids), config, eos_token_ids=eos, streamer=streamer,
                        arrival=time.perf_counter(), eviction=plan)
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
+
+    def _check_fits(self, num_prompt: int, config: GenerationConfig, plan: EvictionPlan | None) -> None:
+        """A request must fit the pool alone (else preemption could never make room for it)."""
+        most = num_prompt + config.max_new_tokens
+        if plan is not None:  # the whole prompt is in cache once, then at most budget + a block
+            most = min(most, max(num_prompt + 1, plan.budget + self.blocks.block_size))
+        need = self.blocks.blocks_for(most)
+        if need > self.blocks.num_blocks:
+            raise CacheCapacityError(
+                f"one request needs {need} KV blocks ({num_prompt} prompt + {config.max_new_tokens} new tokens) but "
+                f"the pool has {self.blocks.num_blocks}; raise cache_size/num_kv_blocks or enable eviction")
 
     def _plan(self, eviction: Any) -> EvictionPlan | None:
         if isinstance(eviction, str) and eviction == "default":
@@ -105,10 +109,16 @@ class LLMEngine:
         """
         if parent.is_finished or parent.status is not Status.RUNNING or parent.num_uncomputed != 1:
             raise KVCrushError("fork a running sequence between steps, once its prompt is processed")
-        child = Sequence(next(self._ids), list(parent.token_ids), parent.num_prompt_tokens, config or parent.config,
+        plan, config = self._plan(eviction), config or parent.config
+        if plan is not None and plan != parent.eviction and parent.kv_state is not None \
+                and parent.kv_state.targets is not None:  # the child would inherit the parent's targets
+            raise KVCrushError("fork with a different eviction plan before the parent evicts (e.g. from a "
+                               "full-cache parent), or with the parent's own plan")
+        self._check_fits(parent.num_prompt_tokens, config, plan)
+        child = Sequence(next(self._ids), list(parent.token_ids), parent.num_prompt_tokens, config,
                          eos_token_ids=parent.eos_token_ids, arrival=time.perf_counter(), status=Status.RUNNING,
                          num_computed=parent.num_computed, cache_len=parent.cache_len,
-                         eviction=self._plan(eviction), first_token_time=parent.first_token_time,
+                         eviction=plan, first_token_time=parent.first_token_time,
                          peak_cache_len=parent.cache_len,
                          layer_offsets=None if parent.layer_offsets is None else parent.layer_offsets.copy(),
                          kv_state=parent.kv_state.copy() if parent.kv_state is not None else None,
