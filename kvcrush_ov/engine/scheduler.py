@@ -86,7 +86,9 @@ class Scheduler:
         for seq in self.seqs:
             if budget == 0:
                 break
-            if seq.is_finished or seq in out.preempted or (seq.status is Status.RUNNING and seq.num_uncomputed <= 1):
+            if seq in out.preempted:
+                break  # keep arrival order: nothing newer overtakes a sequence preempted in this step
+            if seq.is_finished or (seq.status is Status.RUNNING and seq.num_uncomputed <= 1):
                 continue
             if seq.status is Status.WAITING and holding >= self.max_num_seqs:
                 break
