@@ -6,12 +6,18 @@ Every field is validated up front: a bad value raises ConfigError naming the fie
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
 
 _UNSET = 2**64 - 1  # openvino_genai's SIZE_MAX: "not set"
+_COLLECTIONS = (set, frozenset, list, tuple)
+
+
+def _show(values: Any) -> str:
+    return str(sorted(map(repr, values))) if isinstance(values, _COLLECTIONS) else repr(values)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -53,10 +59,15 @@ class GenerationConfig:
                f"top_p must be in (0, 1], got {self.top_p!r}")
         _check(isinstance(self.rng_seed, int) and self.rng_seed >= 0,
                f"rng_seed must be an integer >= 0, got {self.rng_seed!r}")
-        _check(all(isinstance(s, str) and s for s in self.stop_strings),
-               f"stop_strings must be non-empty strings, got {sorted(map(repr, self.stop_strings))}")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               f"stop_token_ids must be non-negative integers, got {sorted(self.stop_token_ids)}")
+        _check(isinstance(self.stop_strings, _COLLECTIONS) and all(isinstance(s, str) and s for s in self.stop_strings),
+               f"stop_strings must be a set of non-empty strings, got {_show(self.stop_strings)}")
+        _check(isinstance(self.stop_token_ids, _COLLECTIONS)
+               and all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+               f"stop_token_ids must be a set of non-negative integers, got {_show(self.stop_token_ids)}")
+        _check(isinstance(self.eos_token_id, int),
+               f"eos_token_id must be an integer (-1: the model's), got {self.eos_token_id!r}")
+        for name in ("do_sample", "include_stop_str_in_output", "ignore_eos", "apply_chat_template"):
+            _check(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def updated(self, **kwargs: Any) -> "GenerationConfig":
         """A copy with some fields replaced (the `**kwargs` of generate())."""
@@ -64,8 +75,14 @@ class GenerationConfig:
         _check(not unknown, f"unknown generation parameter(s) {unknown}; "
                f"valid: {', '.join(f.name for f in dataclasses.fields(self))}")
         fields = {**dataclasses.asdict(self), **kwargs}
-        fields["stop_token_ids"] = set(fields["stop_token_ids"])
-        fields["stop_strings"] = set(fields["stop_strings"])
+        if isinstance(fields["stop_strings"], str):  # one stop string, not a set of its characters
+            fields["stop_strings"] = {fields["stop_strings"]}
+        for name in ("stop_token_ids", "stop_strings"):
+            if isinstance(fields[name], _COLLECTIONS):
+                try:
+                    fields[name] = set(fields[name])
+                except TypeError:  # unhashable items: validate() names the field
+                    pass
         return GenerationConfig(**fields)
 
     @classmethod
@@ -76,7 +93,7 @@ class GenerationConfig:
         if isinstance(config, cls):
             return config
         if isinstance(config, dict):
-            return cls().updated(**config)
+            return cls().updated(**{str(k): v for k, v in config.items()})
         if type(config).__name__ == "GenerationConfig":  # openvino_genai's
             if getattr(config, "num_beams", 1) > 1 or getattr(config, "num_return_sequences", 1) > 1:
                 raise ConfigError("beam search / num_return_sequences > 1 are not supported; "
@@ -117,8 +134,8 @@ class SchedulerConfig:
         self.validate()
 
     def validate(self) -> None:
-        _check(isinstance(self.cache_size, (int, float)) and self.cache_size >= 0,
-               f"cache_size must be >= 0 GB, got {self.cache_size!r}")
+        _check(isinstance(self.cache_size, (int, float)) and 0 <= self.cache_size < math.inf,
+               f"cache_size must be a finite number >= 0 (GB), got {self.cache_size!r}")
         _check(isinstance(self.num_kv_blocks, int) and self.num_kv_blocks >= 0,
                f"num_kv_blocks must be an integer >= 0 (0 = derive from cache_size), got {self.num_kv_blocks!r}")
         _check(self.cache_size > 0 or self.num_kv_blocks > 0,
@@ -138,10 +155,10 @@ class SchedulerConfig:
         if isinstance(config, cls):
             return config
         if isinstance(config, dict):
-            try:
-                return cls(**config)
-            except TypeError as e:
-                raise ConfigError(f"bad scheduler config: {e}") from None
+            names = [f.name for f in dataclasses.fields(cls)]
+            unknown = sorted(map(repr, set(config) - set(names)))
+            _check(not unknown, f"unknown scheduler config field(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+            return cls(**config)
         if type(config).__name__ == "SchedulerConfig":  # openvino_genai's
             eviction = config.cache_eviction_config if config.use_cache_eviction else None
             return cls(
