@@ -5,7 +5,7 @@ representatives, so equal budget means equal KV memory across policies.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
@@ -34,6 +34,14 @@ class CacheEvictionConfig:
                               f"per layer), got {self.budget!r}")
         if not isinstance(self.score_window, int) or self.score_window < 0:
             raise ConfigError(f"CacheEvictionConfig.score_window must be an integer >= 0, got {self.score_window!r}")
+        if not isinstance(self.policy, (str, Policy)):
+            raise ConfigError(f"CacheEvictionConfig.policy must be a policy name ({', '.join(POLICIES)}) or a Policy, "
+                              f"got {self.policy!r}")
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"CacheEvictionConfig.options must be a dict of policy options, got {self.options!r}")
+        if not isinstance(self.evict_during_decode, bool):
+            raise ConfigError(f"CacheEvictionConfig.evict_during_decode must be True or False, "
+                              f"got {self.evict_during_decode!r}")
         if isinstance(self.policy, str) and self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
         self.make_policy().check_budget(self.budget)  # budget >= sinks + recent, options valid
@@ -60,10 +68,14 @@ class CacheEvictionConfig:
         if config is None or isinstance(config, cls):
             return config
         if isinstance(config, dict):
+            names = [f.name for f in fields(cls)]
+            unknown = sorted(map(repr, set(config) - set(names)))
+            if unknown:
+                raise ConfigError(f"unknown cache_eviction_config field(s) {', '.join(unknown)}; valid: {', '.join(names)}")
             try:
                 return cls(**config)
             except TypeError as e:
-                raise ConfigError(f"bad cache_eviction_config: {e}") from None
+                raise ConfigError(f"bad cache_eviction_config: {e}".splitlines()[0]) from None
         if type(config).__name__ == "CacheEvictionConfig":  # openvino_genai's
             return cls.from_openvino_genai(config, block_size)
         raise ConfigError(f"cache_eviction_config must be a CacheEvictionConfig, dict or None, "
