@@ -36,7 +36,13 @@ def read_model_dir(model_dir: str | Path) -> tuple[Path, dict]:
                              f"(export with --task text-generation-with-past, tokenizers included)")
     config = {}
     if (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ModelError(f"{path / 'config.json'} is not valid JSON ({str(e).splitlines()[0]}); re-export the "
+                             f"model or restore the file") from None
+        if not isinstance(config, dict):
+            raise ModelError(f"{path / 'config.json'} must hold a JSON object, not {type(config).__name__}")
     return path, config
 
 
@@ -73,8 +79,13 @@ class ModelRunner:
         self.request = self.compiled.create_infer_request()
         self.input_names = {name for i in self.compiled.inputs for name in i.get_names()}
         self.num_layers = self.info.num_layers
-        self.num_blocks = num_kv_blocks or self._blocks_for_gb(cache_size_gb)
-        self.kv = KVCache(self.compiled, self.request, self.num_layers, self.num_blocks)
+        try:
+            self.num_blocks = num_kv_blocks or self._blocks_for_gb(cache_size_gb)
+            self.kv = KVCache(self.compiled, self.request, self.num_layers, self.num_blocks)
+        except (RuntimeError, OverflowError, MemoryError, TypeError) as e:  # e.g. std::bad_alloc
+            size = f"num_kv_blocks={num_kv_blocks}" if num_kv_blocks else f"cache_size={cache_size_gb} GB"
+            raise CacheCapacityError(f"cannot allocate a KV pool of {size} on {device} ({type(e).__name__}); "
+                                     f"lower cache_size or num_kv_blocks") from None
         self.layout = self.kv.layout
         if kv_cache_precision is not None and self.layout.precision != kv_cache_precision:
             raise ConfigError(f"KV cache precision {kv_cache_precision} was asked but {device} compiled "
