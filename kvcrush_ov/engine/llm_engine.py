@@ -66,9 +66,20 @@ class LLMEngine:
     def add_request(self, prompt_ids: list[int] | np.ndarray, config: GenerationConfig,
                     streamer: Callable[[str], Any] | None = None, eviction: Any = "default") -> Sequence:
         """eviction: "default" (the scheduler config's), None (full cache) or a CacheEvictionConfig."""
-        ids = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
+        try:
+            arr = np.asarray(prompt_ids)
+        except ValueError:  # ragged nesting
+            arr = np.asarray([None])
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise PromptError(f"prompt token ids must be a flat list of integers, got {str(arr.dtype)} values; "
+                              f"tokenize text first")
+        ids = arr.reshape(-1).tolist()
         if not ids:
             raise PromptError("the prompt is empty: give at least one token")
+        vocab = self.runner.vocab_size
+        if vocab and not 0 <= min(ids) <= max(ids) < vocab:
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            raise PromptError(f"token id {bad} is outside the model's vocabulary [0, {vocab})")
         config.validate()
         max_pos = self.runner.max_position
         if max_pos and len(ids) + config.max_new_tokens > max_pos:

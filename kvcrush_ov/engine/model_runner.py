@@ -98,6 +98,8 @@ class ModelRunner:
         self.num_q_heads = self.info.q_width // self.head_size
         self.bytes_per_block = self.kv.bytes_per_block
         self.max_position = int(self.hf_config.get("max_position_embeddings", 0)) or None
+        vocab = self.compiled.output("logits").get_partial_shape()[-1]
+        self.vocab_size = vocab.get_length() if vocab.is_static else None
 
     def _config_head_size(self) -> int:
         c = self.hf_config
