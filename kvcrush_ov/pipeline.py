@@ -21,10 +21,16 @@ from .config import GenerationConfig, SchedulerConfig
 from .engine.llm_engine import LLMEngine
 from .engine.model_runner import read_model_dir
 from .engine.sequence import FinishReason, Sequence
-from .errors import ConfigError, KVCrushError, PromptError
+from .errors import ConfigError, KVCrushError, ModelError, PromptError
 from .native import native_pipeline, to_native_generation
 
 Streamer = Callable[[str], Any]
+
+
+def _reason(e: Exception) -> str:
+    """The informative line of an OpenVINO error (its first lines only name C++ source files)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if not line.startswith(("Exception from", "Check "))), lines[-1] if lines else "")
 
 
 @dataclass
@@ -65,6 +71,11 @@ class Tokenizer:
     def prepare(self, prompt: str, apply_chat_template: bool) -> list[int]:
         if not isinstance(prompt, str):
             raise PromptError(f"a prompt must be a str, not {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates, e.g. non-UTF-8 bytes decoded with surrogateescape
+            raise PromptError(f"the prompt is not valid UTF-8 text ({e.reason} at character {e.start}: "
+                              f"{prompt[e.start:e.end]!r}); decode its bytes with errors='replace'") from None
         if not prompt:
             raise PromptError("the prompt is empty: give some text")
         if apply_chat_template and self.has_chat_template:
@@ -89,7 +100,10 @@ class LLMPipeline:
         path, _ = read_model_dir(models_path)
         self.models_path = path
         self.backend = backend
-        self.tokenizer = Tokenizer(path)
+        try:
+            self.tokenizer = Tokenizer(path)
+        except RuntimeError as e:
+            raise ModelError(f"cannot load the tokenizer of {path}: {_reason(e)}") from None
         self.generation_config = self._default_generation_config(path)
         config = SchedulerConfig.from_any(scheduler_config)
         self.native = native_pipeline(path, device, config, properties) if backend == "native" else None
@@ -104,7 +118,10 @@ class LLMPipeline:
         cfg = GenerationConfig()
         gen_file = path / "generation_config.json"
         if gen_file.is_file():
-            ov_cfg = ov_genai.GenerationConfig(str(gen_file))
+            try:
+                ov_cfg = ov_genai.GenerationConfig(str(gen_file))
+            except RuntimeError as e:
+                raise ModelError(f"cannot read {gen_file}: {_reason(e)}") from None
             cfg = GenerationConfig.from_any(ov_cfg)
         if cfg.eos_token_id < 0:
             cfg.eos_token_id = self.tokenizer.eos_token_id
