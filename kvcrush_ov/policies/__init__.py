@@ -36,7 +36,7 @@ def _build(name: str, kwargs: dict[str, Any]) -> Policy:
     allowed = _options(cls)
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for policy {name!r}; "
+        raise ConfigError(f"unknown option(s) {', '.join(map(repr, unknown))} for policy {name!r}; "
                           f"allowed: {', '.join(allowed) or 'none'}")
     return cls(**kwargs)
 
