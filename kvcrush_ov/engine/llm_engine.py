@@ -145,7 +145,7 @@ class LLMEngine:
         seq = self.sequences.get(seq_id)
         if seq is not None and not seq.is_finished:
             seq.finish(FinishReason.ABORT)
-            self.scheduler.remove_finished()
+            self._drop_finished()
 
     @property
     def has_unfinished(self) -> bool:
@@ -198,7 +198,14 @@ class LLMEngine:
         n_prefill = sum(c.num_tokens for c in out.chunks if c.num_tokens > 1 or not c.samples)
         self.last_step = StepStats(out.num_tokens, n_prefill, len(out.chunks) - sum(
             1 for c in out.chunks if c.num_tokens > 1 or not c.samples), time.perf_counter() - t0)
-        return self.scheduler.remove_finished()
+        return self._drop_finished()
+
+    def _drop_finished(self) -> list[Sequence]:
+        """Free finished sequences' blocks and forget them (the caller keeps its own references)."""
+        done = self.scheduler.remove_finished()
+        for s in done:
+            self.sequences.pop(s.seq_id, None)
+        return done
 
     # -- stopping and streaming ----------------------------------------------------------------------
     def _check_stop(self, seq: Sequence, token: int) -> None:
