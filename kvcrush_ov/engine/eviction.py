@@ -102,8 +102,9 @@ class Evictor:
         begin = 0
         for c in chunks:
             end = begin + c.num_tokens
-            # Full-cache sequences keep queries too: a fork of them may evict (fan-out evaluation).
-            window = c.seq.eviction.window if c.seq.eviction is not None else DEFAULT_ACCUMULATION_WINDOW
+            # Full-cache and score-free (streaming) sequences keep queries too: a fork of them may evict
+            # with a policy that scores (fan-out evaluation).
+            window = (c.seq.eviction.window if c.seq.eviction is not None else 0) or DEFAULT_ACCUMULATION_WINDOW
             if window:
                 if per_layer is None:
                     per_layer = [self.runner.queries(layer) for layer in range(self.runner.num_layers)]
