@@ -70,8 +70,10 @@ class EvalConfig:
 
     def key(self, model_dir: Path) -> str:
         """Identifies cached per-sample results: a change of model or settings recomputes them."""
-        blob = json.dumps([str(model_dir), self.device, self.policy_options, self.seed, self.kv_precision,
-                           self.budget_bytes, self.properties], sort_keys=True, default=str)
+        fields = [str(model_dir), self.device, self.policy_options, self.seed]
+        if self.kv_precision or self.budget_bytes or self.properties:
+            fields += [self.kv_precision, self.budget_bytes, self.properties]
+        blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -104,6 +106,13 @@ class Runner:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.timing = {"prefill_s": 0.0, "fanout_decode_s": 0.0, "runs": 0}
         self.precision = self.engine.runner.layout.precision
+        # What a cached row was computed with: a policy whose resolved settings (e.g. tuned defaults)
+        # changed is recomputed, the others are reused.
+        self.signatures = {}
+        for spec in config.policies:
+            name, variant = parse_policy(spec)
+            options = {**(config.policy_options or {}).get(name, {}), **variant}
+            self.signatures[spec] = "native" if name in NATIVE else "full" if name == "full" else repr(make_policy(name, **options))
 
     def _tokens(self, budget: float, prompt_len: int, minimum: int) -> int:
         if self.config.budget_bytes:
@@ -178,7 +187,7 @@ class Runner:
 
     def _row(self, sample: Sample, ids, policy, budget, tokens, text, full_text, kv_slots, latency, nll_kl) -> dict:
         return {"id": sample.id, "task": sample.task, "length": sample.length, "prompt_tokens": len(ids),
-                "kv_precision": self.precision,
+                "kv_precision": self.precision, "signature": self.signatures[policy],
                 "policy": policy, "budget": budget, "budget_tokens": int(min(tokens, len(ids))),
                 "prediction": text, "score": score(text, sample.answers, sample.metric),
                 "exact_match_full": exact_match_rate([text], [full_text]), "rouge_l_full": 100 * rouge_l(text, full_text),
@@ -222,19 +231,26 @@ class Runner:
     def run_sample(self, sample: Sample) -> list[dict]:
         cached = self.cache_dir / f"{hashlib.sha1(sample.id.encode()).hexdigest()[:16]}.json"
         want = {(p, b) for p in self.config.policies for b in self.config.budgets}
-        if cached.is_file():
-            rows = json.loads(cached.read_text())
-            if want <= {(r["policy"], r["budget"]) for r in rows}:
-                return [r for r in rows if (r["policy"], r["budget"]) in want]
-        ids = sample_ids(self.tokenizer, sample)
-        rows = self._ours(sample, ids)
-        full_text = next((r["prediction"] for r in rows if r["policy"] == "full"), None)
-        if any(parse_policy(p)[0] in NATIVE for p in self.config.policies):
-            if full_text is None:
-                full_text = self._full_text(sample, ids)
-            rows += self._native(sample, ids, full_text)
-        cached.write_text(json.dumps(rows))
-        return rows
+        is_native = lambda policy: parse_policy(policy)[0] in NATIVE  # noqa: E731
+        rows = json.loads(cached.read_text()) if cached.is_file() else []
+        for r in rows:  # rows cached before these fields existed
+            r.setdefault("kv_precision", self.precision)
+        valid = [r for r in rows if (r["policy"], r["budget"]) in want
+                 and r.get("signature", "native" if is_native(r["policy"]) else None) == self.signatures[r["policy"]]]
+        have = {(r["policy"], r["budget"]) for r in valid}
+        ours_missing = any(k not in have for k in want if not is_native(k[0]))
+        native_missing = any(k not in have for k in want if is_native(k[0]))
+        if ours_missing or native_missing:
+            ids = sample_ids(self.tokenizer, sample)
+            if ours_missing:
+                valid = [r for r in valid if is_native(r["policy"])] + self._ours(sample, ids)
+            if native_missing:
+                full_text = next((r["prediction"] for r in valid if r["policy"] == "full"), None)
+                if full_text is None:
+                    full_text = self._full_text(sample, ids)
+                valid = [r for r in valid if not is_native(r["policy"])] + self._native(sample, ids, full_text)
+            cached.write_text(json.dumps(valid))
+        return valid
 
     def _full_text(self, sample: Sample, ids: list[int]) -> str:
         seq = self.engine.add_request(ids, GenerationConfig(max_new_tokens=sample.max_new_tokens,
