@@ -25,6 +25,12 @@ from .sequence import FinishReason, Sequence, Status
 Decode = Callable[[list[int]], str]
 
 
+def log_softmax(row: np.ndarray) -> np.ndarray:
+    """float32 log-probabilities of one logits row (evaluation records them for NLL/KL)."""
+    z = row.astype(np.float32) - row.max()
+    return z - np.log(np.exp(z).sum(dtype=np.float64)).astype(np.float32)
+
+
 @dataclass
 class StepStats:
     num_tokens: int
@@ -175,9 +181,7 @@ class LLMEngine:
                 seq.finish(FinishReason.LENGTH)  # the teacher's continuation is used up
                 continue
             if seq.logprobs is not None:
-                z = logits[row].astype(np.float64)
-                z -= z.max()
-                seq.logprobs.append((z - np.log(np.exp(z).sum())).astype(np.float32))
+                seq.logprobs.append(log_softmax(logits[row]))
             suppress = seq.eos_token_ids if seq.num_generated < seq.config.min_new_tokens else frozenset()
             if seq.teacher is not None:  # the teacher was sampled earlier in this loop (it arrived first)
                 token = seq.teacher.output_ids[seq.num_generated]
