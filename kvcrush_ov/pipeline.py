@@ -157,7 +157,7 @@ class LLMPipeline:
         with self._lock:
             seqs = self.generate_ids(token_ids, config, streamer, progress)
         bpt = self.kv_bytes_per_token
-        self.last_kv_bytes = [s.peak_decode_cache_len * bpt for s in seqs]
+        self.last_kv_bytes = [int(round(s.peak_decode_cache_len * bpt)) for s in seqs]
         return DecodedResults(
             texts=[s.text if s.finish_reason is FinishReason.STOP and config.stop_strings and s.text
                    else self.tokenizer.decode(self._visible_ids(s)) for s in seqs],

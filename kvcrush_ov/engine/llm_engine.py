@@ -198,7 +198,9 @@ class LLMEngine:
         for c in out.chunks:
             self.evictor.maybe_evict(c.seq)
             if c.seq.num_computed >= c.seq.num_prompt_tokens:
-                c.seq.peak_decode_cache_len = max(c.seq.peak_decode_cache_len, c.seq.cache_len)
+                held = c.seq.cache_len if c.seq.layer_offsets is None else float(
+                    c.seq.layer_lens(self.runner.num_layers).mean())  # PyramidKV: layers hold different lengths
+                c.seq.peak_decode_cache_len = max(c.seq.peak_decode_cache_len, held)
         n_prefill = sum(c.num_tokens for c in out.chunks if c.num_tokens > 1 or not c.samples)
         self.last_step = StepStats(out.num_tokens, n_prefill, len(out.chunks) - sum(
             1 for c in out.chunks if c.num_tokens > 1 or not c.samples), time.perf_counter() - t0)

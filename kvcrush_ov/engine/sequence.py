@@ -47,7 +47,7 @@ class Sequence:
     logprobs: list | None = None   # when a list, each step's log-softmax row [V] is appended (evaluation)
     kv_state: Any = None           # the evictor's per-sequence state; dropped on preemption
     peak_cache_len: int = 0        # most KV slots held at any time (the whole prompt, before eviction)
-    peak_decode_cache_len: int = 0 # most KV slots held while decoding (after eviction: ~ the budget)
+    peak_decode_cache_len: float = 0  # most KV slots held while decoding, mean over layers (~ the budget)
     rng: np.random.Generator = field(init=False)
     text: str = ""                 # detokenized output so far (maintained when needed)
     streamed_chars: int = 0

@@ -191,7 +191,7 @@ class Runner:
                 "policy": policy, "budget": budget, "budget_tokens": int(min(tokens, len(ids))),
                 "prediction": text, "score": score(text, sample.answers, sample.metric),
                 "exact_match_full": exact_match_rate([text], [full_text]), "rouge_l_full": 100 * rouge_l(text, full_text),
-                "nll": nll_kl[0], "kl": nll_kl[1], "kv_bytes": int(kv_slots) * self.bytes_per_token,
+                "nll": nll_kl[0], "kl": nll_kl[1], "kv_bytes": int(round(kv_slots * self.bytes_per_token)),
                 "latency_s": float(latency)}
 
     # -- openvino-genai's native eviction ---------------------------------------------------------
