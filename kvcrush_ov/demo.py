@@ -1,5 +1,5 @@
-"""`make demo`: prepare SmolLM2-135M-Instruct and answer one long prompt twice — with the full KV cache
-and with KVCrush at ~25% of the prompt as budget — printing both answers and the KV memory each held."""
+"""`make demo`: prepare SmolLM2-135M-Instruct and answer one long prompt with the full KV cache, with
+KVCrush and with SnapKV at ~25% of the prompt as budget, printing the answers and the KV memory each held."""
 from __future__ import annotations
 
 import argparse
@@ -32,11 +32,11 @@ def run_demo(args: argparse.Namespace) -> None:
     full = LLMPipeline(model_dir, args.device, scheduler_config=_scheduler_config(args))
     n_prompt = len(full.tokenizer.prepare(prompt, True))
     budget = max(128, int(args.budget_fraction * n_prompt) // 32 * 32)
-    crush = LLMPipeline(model_dir, args.device, scheduler_config=_scheduler_config(
-        args, CacheEvictionConfig("kvcrush", budget=budget)))
+    compressed = [(f"{name} {budget}", LLMPipeline(model_dir, args.device, scheduler_config=_scheduler_config(
+        args, CacheEvictionConfig(name, budget=budget)))) for name in ("kvcrush", "snapkv")]
     print(f"model: {model_dir}")
     print(f"prompt: {n_prompt} tokens, a fact buried in the middle ({DEMO_FACT!r}), the question at the end")
-    for name, pipe in (("full cache", full), (f"kvcrush {budget}", crush)):
+    for name, pipe in [("full cache", full), *compressed]:
         t0 = time.perf_counter()
         res = pipe.generate(prompt, max_new_tokens=24)
         dt = time.perf_counter() - t0
