@@ -237,7 +237,7 @@ def test_pyramidkv_holds_different_lengths_per_layer(tiny_llama_dir, tok):
     assert e.blocks.num_used_blocks == 0
 
 
-@pytest.mark.parametrize("precision", ["u8", "f16"])
+@pytest.mark.parametrize("precision", ["u8", "u4", "f16"])
 def test_eviction_on_quantized_and_half_caches(tiny_llama_dir, tok, precision):
     """u8 caches are compiled with keys quantized per token when eviction is on, so a kept token is
     one self-contained row (scale and zero-point travel with it)."""

@@ -89,11 +89,12 @@ def test_window_probabilities_causal_mask_and_gqa():
     np.testing.assert_allclose(p[3, 1, :9], ref / ref.sum(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["BY_TOKEN", "BY_CHANNEL"])
-def test_u8_keys_dequantize_to_the_f32_keys(tiny_llama_dir, mode):
+@pytest.mark.parametrize("precision, mode", [("u8", "BY_TOKEN"), ("u8", "BY_CHANNEL"), ("u4", "BY_TOKEN")])
+def test_quantized_keys_dequantize_to_the_f32_keys(tiny_llama_dir, precision, mode):
     """Keys read back from a u8 cache (either layout) match those of an f32 cache within quantization error."""
     keys = {}
-    for precision in ("f32", "u8"):
+    levels = {"u8": 255, "u4": 15}[precision]
+    for precision in ("f32", precision):
         engine = LLMEngine(tiny_llama_dir, "CPU", SchedulerConfig(cache_size=0.05, kv_cache_precision=precision),
                            {"INFERENCE_PRECISION_HINT": "f32", "KEY_CACHE_QUANT_MODE": mode})
         seq = engine.add_request(kvcrush_ov.Tokenizer(tiny_llama_dir).prepare("Explain paged attention. " * 10, True),
@@ -102,8 +103,9 @@ def test_u8_keys_dequantize_to_the_f32_keys(tiny_llama_dir, mode):
         assert engine.runner.layout.precision == precision
         # layer 0: its keys depend on the input only, not on other layers' quantized cache
         keys[precision] = engine.runner.kv.read_keys(0, engine.blocks.tables[seq.seq_id][0], len(seq.token_ids))
-    ref = keys["f32"]
-    step = (ref.max(axis=-1, keepdims=True) - ref.min(axis=-1, keepdims=True)) / 255  # by-token step
+    ref = keys.pop("f32")
+    got = keys.popitem()[1]
+    step = (ref.max(axis=-1, keepdims=True) - ref.min(axis=-1, keepdims=True)) / levels  # by-token step
     if mode == "BY_CHANNEL":
-        step = (ref.max(axis=1, keepdims=True) - ref.min(axis=1, keepdims=True)) / 255  # per block, generous
-    assert (np.abs(keys["u8"] - ref) <= step * 0.5 + 1e-5).all(), np.abs(keys["u8"] - ref).max()
+        step = (ref.max(axis=1, keepdims=True) - ref.min(axis=1, keepdims=True)) / levels  # per block, generous
+    assert (np.abs(got - ref) <= step * 0.5 + 1e-5).all(), np.abs(got - ref).max()

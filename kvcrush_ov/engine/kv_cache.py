@@ -37,22 +37,25 @@ class CacheLayout:
 
     @property
     def keys_by_channel(self) -> bool:
-        """u8 keys quantized per block and channel: [Hkv, 8 + bs, hd] with scale/zp rows on top."""
-        return self.precision == "u8" and self.key_shape[1] == self.block_size + QUANT_HEADER_BYTES
+        """u8/u4 keys quantized per block and channel: scale/zp rows on top of the block's token rows."""
+        return self.precision in ("u8", "u4") and self.key_shape[1] != self.block_size
 
     @property
     def token_rows(self) -> bool:
         """Every token is one self-contained row of keys and of values (float, or u8 by token), so
         moving a token is a row copy."""
-        return self.precision in FLOAT_PRECISIONS or (self.precision == "u8" and not self.keys_by_channel)
+        return self.precision in FLOAT_PRECISIONS or (self.precision in ("u8", "u4") and not self.keys_by_channel)
 
 
 def _to_f32(x: np.ndarray, precision: str) -> np.ndarray:
     if precision == "bf16":  # OpenVINO hands bf16 storage out as a 2-byte dtype: reinterpret the bits
         return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    if precision == "u8":  # rows of [f32 scale, f32 zero-point, hd bytes]: (q - zp) * scale
+    if precision in ("u8", "u4"):  # rows of [f32 scale, f32 zero-point, hd values]: (q - zp) * scale
         head = np.ascontiguousarray(x[..., :QUANT_HEADER_BYTES]).view(np.float32)
-        return (x[..., QUANT_HEADER_BYTES:].astype(np.float32) - head[..., 1:2]) * head[..., 0:1]
+        q = x[..., QUANT_HEADER_BYTES:]
+        if precision == "u4":  # two values a byte, high nibble first (measured against an f32 cache)
+            q = np.stack([q >> 4, q & 0x0F], axis=-1).reshape(*q.shape[:-1], -1)
+        return (q.astype(np.float32) - head[..., 1:2]) * head[..., 0:1]
     return x.astype(np.float32, copy=False)
 
 
@@ -81,8 +84,10 @@ class KVCache:
                 tensor = ov.Tensor(compiled.input(name).get_element_type(), [num_blocks, *shape])
                 request.set_tensor(name, tensor)
                 self._tensors.append(tensor)
-        self.keys = [t.data for t in self._tensors[0::2]]
-        self.values = [t.data for t in self._tensors[1::2]]
+        # u4 storage comes out as flat packed bytes: view it as [blocks, Hkv, rows, row bytes]
+        view = lambda t: t.data.reshape(num_blocks, *t.get_shape()[1:-1], -1)  # noqa: E731
+        self.keys = [view(t) for t in self._tensors[0::2]]
+        self.values = [view(t) for t in self._tensors[1::2]]
 
     @property
     def bytes_per_block(self) -> int:
@@ -100,9 +105,10 @@ class KVCache:
 
     def read_keys(self, layer: int, table: list[int], num_slots: int) -> np.ndarray:
         """Keys of slots 0..num_slots-1 of one sequence, f32 [Hkv, num_slots, hd]."""
-        if self.layout.precision not in FLOAT_PRECISIONS + ("u8",):
-            raise ConfigError(f"per-head scoring reads f32/f16/bf16/u8 KV caches, not {self.layout.precision}; "
-                              f"set SchedulerConfig(kv_cache_precision='u8' or 'f16')")
+        if self.layout.precision not in FLOAT_PRECISIONS + ("u8", "u4") or (
+                self.layout.precision == "u4" and self.layout.keys_by_channel):
+            raise ConfigError(f"per-head scoring reads f32/f16/bf16/u8 caches and u4 by token, not "
+                              f"{self.layout.precision}; set SchedulerConfig(kv_cache_precision='u8' or 'f16')")
         blocks = np.asarray(table[: -(-num_slots // self.layout.block_size)], dtype=np.int64)
         k = self.keys[layer][blocks]                       # [nb, Hkv, bs(+8), hd(+8)]
         k = _dequantize_by_channel(k) if self.layout.keys_by_channel else _to_f32(k, self.layout.precision)

@@ -50,7 +50,7 @@ class LLMEngine:
             properties = {"KEY_CACHE_QUANT_MODE": "BY_TOKEN", **(properties or {})}
         self.runner = self._make_runner(model_dir, device, properties, self.config.kv_cache_precision, evicting)
         if evicting and self.config.kv_cache_precision is None and not self.runner.layout.token_rows:
-            # e.g. a u4 device default: fall back to f16, which every CPU offers
+            # a device whose quantized keys stay per block: fall back to f16, which every CPU offers
             self.runner = self._make_runner(model_dir, device, properties, "f16", evicting)
         self.blocks = self.runner.make_block_manager()
         self.evictor = Evictor(self.runner, self.blocks)
