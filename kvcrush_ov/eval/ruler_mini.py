@@ -286,13 +286,19 @@ _INTRO_KEYS = ("Below is some documentation text. Pass keys for a few objects ar
                "them and memorize them. I will quiz you about them.")
 
 
-def niah_multikey(rng, length, count_tokens, n_keys: int = 4):
+def _keyed_needles(rng, n_keys: int):
+    """n_keys "pass key for the <key>" needles at random depths, shuffled, in a natural-text haystack."""
     keys, vals = _keys(rng, n_keys), _numbers(rng, n_keys)
     depths = _depths(rng, n_keys)
     order = rng.sample(range(n_keys), n_keys)
     needles = lambda: [(depths[j], f"The pass key for the {keys[i]} is {vals[i]}.")  # noqa: E731
                        for j, i in enumerate(order)]
-    hay, start = _natural_haystack(rng, needles)
+    hay, _ = _natural_haystack(rng, needles)
+    return keys, vals, depths, hay
+
+
+def niah_multikey(rng, length, count_tokens, n_keys: int = 4):
+    keys, vals, depths, hay = _keyed_needles(rng, n_keys)
     t = rng.randrange(n_keys)
     q = f"What is the pass key for the {keys[t]}? Answer with the number only."
     n, prompt, toks = _fit(lambda n: f"{_INTRO_KEYS}\n\n{hay(n)}\n\n{q}", length, count_tokens, "niah_multikey")
@@ -320,12 +326,7 @@ def niah_multivalue(rng, length, count_tokens, n_values: int = 3, natural: bool 
 
 
 def niah_multiquery(rng, length, count_tokens, n_keys: int = 4, n_queries: int = 2):
-    keys, vals = _keys(rng, n_keys), _numbers(rng, n_keys)
-    depths = _depths(rng, n_keys)
-    order = rng.sample(range(n_keys), n_keys)
-    needles = lambda: [(depths[j], f"The pass key for the {keys[i]} is {vals[i]}.")  # noqa: E731
-                       for j, i in enumerate(order)]
-    hay, start = _natural_haystack(rng, needles)
+    keys, vals, depths, hay = _keyed_needles(rng, n_keys)
     ts = sorted(rng.sample(range(n_keys), n_queries))
     asked = " and ".join(f"the {keys[t]}" for t in ts)
     q = f"What are the pass keys for {asked}? Answer with the numbers only."
