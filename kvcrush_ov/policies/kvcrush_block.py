@@ -23,11 +23,12 @@ from typing import ClassVar
 import numpy as np
 
 from kvcrush_ov.errors import ConfigError
+from kvcrush_ov.policies.kvcrush import ANCHORS, make_anchor
 from kvcrush_ov.policies.base import (DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, AttentionStats,
                                       Policy, is_int, pool_tokens, require_choice, require_fraction,
                                       require_int, require_odd_kernel)
 
-BLOCK_ANCHORS = ("random", "zeros", "ones", "mean", "alternate")
+BLOCK_ANCHORS = ANCHORS
 
 
 def block_indicators(scores: np.ndarray) -> np.ndarray:
@@ -42,20 +43,11 @@ def block_indicators(scores: np.ndarray) -> np.ndarray:
 
 
 def block_anchor(kind: str, signatures: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-    """bool [L, block_size] from block signatures [L, num_blocks, block_size]."""
-    L, nb, bs = signatures.shape
-    if kind == "zeros":
-        return np.zeros((L, bs), dtype=bool)
-    if kind == "ones":
-        return np.ones((L, bs), dtype=bool)
-    if kind == "alternate":
-        return np.broadcast_to(np.arange(bs) % 2 == 1, (L, bs)).copy()
-    if kind == "mean":  # 1 iff strictly more than half of the blocks have a 1 there
-        return 2 * signatures.sum(axis=1) > nb
-    if kind == "random":
-        rng = rng if rng is not None else np.random.default_rng(0)
-        return rng.integers(0, 2, size=(L, bs)).astype(bool)
-    raise ConfigError(f"kvcrush-block.anchor must be one of {', '.join(BLOCK_ANCHORS)}, got {kind!r}")
+    """bool [L, block_size] from block signatures [L, num_blocks, block_size]: KVCrush's anchor rules
+    (make_anchor) with blocks as the candidates; "mean" = 1 iff strictly more than half have a 1."""
+    if kind not in BLOCK_ANCHORS:
+        raise ConfigError(f"kvcrush-block.anchor must be one of {', '.join(BLOCK_ANCHORS)}, got {kind!r}")
+    return make_anchor(kind, signatures.transpose(0, 2, 1), rng)
 
 
 def block_hamming(signatures: np.ndarray, anchor: np.ndarray) -> np.ndarray:
