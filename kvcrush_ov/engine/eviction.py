@@ -39,10 +39,13 @@ class EvictionPlan:
     budget: int
     window: int               # newest queries scored per head at each eviction (0: no scores needed)
     during_decode: bool
+    during_prefill: bool      # compact between prompt chunks (memory-bounded prefill)
+    prefill_chunk: int = 0    # prompt tokens added between two such compactions (resolved by Evictor.plan)
 
     @classmethod
     def from_config(cls, config: CacheEvictionConfig) -> "EvictionPlan":
-        return cls(config.make_policy(), config.budget, config.window, config.evict_during_decode)
+        return cls(config.make_policy(), config.budget, config.window, config.evict_during_decode,
+                   config.prefill == "chunked")
 
 
 @dataclass
@@ -52,6 +55,7 @@ class EvictionState:
     queries: np.ndarray | None = None       # [L, <=W, Hq, hd], newest last
     policy_state: Any = None                # what the policy carries between evictions (H2O: its sums)
     targets: np.ndarray | None = None       # [L] slots each layer keeps, set by the first eviction
+    scored_prompt_end: bool = False         # an eviction has used the window at the prompt's end
 
     def copy(self) -> "EvictionState":
         return replace(self, queries=None if self.queries is None else self.queries.copy())
@@ -65,19 +69,28 @@ class EvictionStats:
 
 
 class Evictor:
-    def __init__(self, runner: ModelRunner, blocks: BlockManager) -> None:
+    def __init__(self, runner: ModelRunner, blocks: BlockManager, max_prefill_chunk: int) -> None:
+        """max_prefill_chunk: the most prompt tokens a step feeds (the scheduler's token budget)."""
         self.runner = runner
         self.blocks = blocks
+        self.max_prefill_chunk = max_prefill_chunk
         self.stats = EvictionStats()
         self._states: dict[int, EvictionState] = {}
 
     def plan(self, config: CacheEvictionConfig) -> EvictionPlan:
         """Validate a config against this engine (pool, context, cache precision) and resolve it."""
         plan = EvictionPlan.from_config(config)
-        bs = self.runner.block_size
-        if plan.budget + bs > self.blocks.num_blocks * bs:
+        bs, pool = self.runner.block_size, self.blocks.num_blocks * self.runner.block_size
+        if plan.budget + bs > pool:
             raise ConfigError(f"eviction budget {plan.budget} (+ one block of growth) does not fit the KV pool of "
-                              f"{self.blocks.num_blocks} blocks; lower the budget or raise cache_size")
+                              f"{self.blocks.num_blocks} blocks ({pool} tokens); lower the budget or raise cache_size")
+        # Memory-bounded prefill adds this many prompt tokens between compactions: budget + chunk + one
+        # block must fit the pool.
+        plan = replace(plan, prefill_chunk=max(0, min(self.max_prefill_chunk, pool - plan.budget - bs)))
+        if plan.during_prefill and plan.prefill_chunk < bs:
+            raise ConfigError(f"eviction budget {plan.budget} leaves no room for a prompt chunk in a KV pool of "
+                              f"{pool} tokens: budget + one chunk + one block ({bs}) must fit; use a budget of at "
+                              f"most {pool - 2 * bs} or a larger pool")
         if self.runner.max_position and plan.budget > self.runner.max_position:
             raise ConfigError(f"eviction budget {plan.budget} exceeds the model's context ({self.runner.max_position} "
                               f"tokens); use a budget below it")
@@ -128,14 +141,23 @@ class Evictor:
             begin = end
 
     def maybe_evict(self, seq: Sequence) -> bool:
+        """Evict if the sequence has outgrown its budget: during a chunked prefill each time it holds
+        budget + prefill_chunk slots, at the prompt's end (always, so the final keep-set is scored by the
+        prompt's own last queries, where the question usually is), then each time decoding has grown a
+        layer a block past its target."""
         plan = seq.eviction
-        if plan is None or seq.is_finished or seq.num_computed < seq.num_prompt_tokens:
-            return False  # never during prefill: the prompt's own window decides
+        prompt_done = seq.num_computed >= seq.num_prompt_tokens
+        if plan is None or seq.is_finished or not (prompt_done or plan.during_prefill):
+            return False
         st = self.state(seq)
         lens = self.blocks.layer_lens(seq.seq_id)
-        if st.targets is None:
+        if not prompt_done:  # every prefill_chunk tokens past the budget: at fixed prompt positions, so the
+            over = int(lens.max()) >= plan.budget + plan.prefill_chunk  # result does not depend on batching
+        elif st.targets is None:
             over = int(lens.max()) > plan.budget
-        else:  # during decoding, a block's worth past its target in any layer
+        elif not st.scored_prompt_end:
+            over = bool((lens > st.targets).any())
+        else:  # a block's worth past its target in any layer
             over = plan.during_decode and bool((lens >= st.targets + self.runner.block_size).any())
         if not over:
             return False
@@ -203,4 +225,5 @@ class Evictor:
         self.blocks.trim(seq.seq_id, kept)
         if st.targets is None:
             st.targets = kept
+        st.scored_prompt_end |= seq.num_computed >= seq.num_prompt_tokens
         return int((lens - kept).sum()) // L
