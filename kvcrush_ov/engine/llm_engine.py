@@ -77,7 +77,7 @@ class LLMEngine:
             # a device whose quantized keys stay per block: fall back to f16, which every CPU offers
             self.runner = self._make_runner(precision="f16", **options)
         self.blocks = self.runner.make_block_manager()
-        self.evictor = Evictor(self.runner, self.blocks, self.config.max_num_batched_tokens)
+        self.evictor = Evictor(self.runner, self.blocks)
         # openvino_genai's configs count in blocks: translate again with this device's block size
         eviction = CacheEvictionConfig.from_any(self.config.cache_eviction_config, self.runner.block_size)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_batched_tokens, self.config.max_num_seqs)
