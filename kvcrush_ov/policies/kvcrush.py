@@ -352,11 +352,15 @@ class KVCrush(Policy):
     def score_source(self) -> str:  # type: ignore[override]
         return "accumulated" if self.base.score_source == "none" else self.base.score_source
 
-    # policy-owned state (the engine's update/compact hooks): the base's, untouched
-    def update(self, state, scores):
+    # policy-owned state (the engine's update/compact hooks): the base's, untouched (H2O's accumulator)
+    @property
+    def stateful(self) -> bool:  # type: ignore[override]
+        return self.base.stateful
+
+    def update(self, state, scores: np.ndarray):
         return self.base.update(state, scores)
 
-    def compact(self, state, keep):
+    def compact(self, state, keep: np.ndarray):
         return self.base.compact(state, keep)
 
     def num_representatives(self, budget: int) -> int:
