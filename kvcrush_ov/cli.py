@@ -137,7 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
-    run_demo(args)
+    run_demo(_model_dir(args.model), args.device, _scheduler_config(args), budget_fraction=args.budget_fraction)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -204,14 +204,15 @@ def test_buckets_and_representatives_by_hand():
 # KVCrush end to end vs a loop reference of the paper
 # ------------------------------------------------------------------------------------------------
 def reference_kvcrush(scores, hkv, sink, recent, budget, fraction, threshold, anchors, combine, top_fraction,
-                      span=1):
+                      span=1, pick="medoid"):
     """Slow reading written from the paper's description (not from the policy's code), per layer:
     the H2O base keeps its top tokens per KV head (group-summed attention) at budget - R, R a fraction
     of what lies above sinks + recent; tokens no KV head kept are the evicted ones; each gets one bit
     per attention head (above that head's threshold over the evicted tokens); Hamming distance to the
     anchor(s) orders them; R equal groups in that order; each group's token nearest the group's
     centre (then the earliest) is kept for every KV head. With span s, R // s groups each keep their
-    token and its evicted neighbours within s // 2; a head left short takes its own next-best tokens."""
+    token and its evicted neighbours within s // 2; a head left short takes its own next-best tokens.
+    pick="best": a group keeps its member with the highest base score (mean over KV heads) instead."""
     L, H, T = scores.shape
     g = H // hkv
     keep = np.zeros((L, hkv, T), dtype=bool)
@@ -261,7 +262,11 @@ def reference_kvcrush(scores, hkv, sink, recent, budget, fraction, threshold, an
             for bucket in np.array_split(np.array(order), n_rep // span):
                 bucket = bucket.tolist()
                 centre = [Fraction(sum(sig[t][h] for t in bucket), len(bucket)) for h in range(H)]
-                rep = min(bucket, key=lambda t: (sum(abs(x - c) for x, c in zip(sig[t], centre)), t))
+                if pick == "best":
+                    importance = np.stack(per_head).mean(axis=0)
+                    rep = min(bucket, key=lambda t: (-importance[t], t))
+                else:
+                    rep = min(bucket, key=lambda t: (sum(abs(x - c) for x, c in zip(sig[t], centre)), t))
                 reps |= {t for t in range(rep - span // 2, rep + span // 2 + 1) if t in sig}
         for j in range(hkv):
             kept = base[j] | reps
@@ -276,17 +281,17 @@ def reference_kvcrush(scores, hkv, sink, recent, budget, fraction, threshold, an
        st.integers(0, 3), st.integers(0, 40), st.sampled_from(["mean", "median", "top"]),
        st.sampled_from([("mean",), ("zeros",), ("alternate",), ("mean", "alternate"), ("ones", "zeros")]),
        st.sampled_from(["sum", "lex"]), st.sampled_from([0.25, 0.5, 0.0, 1.0]), st.sampled_from([1, 1, 3]),
-       st.integers(0, 2**16))
+       st.sampled_from(["medoid", "best"]), st.integers(0, 2**16))
 def test_kvcrush_matches_loop_reference(L, hkv, g, T, sink, recent, extra, threshold, anchors, combine,
-                                        frac, span, seed):
+                                        frac, span, pick, seed):
     stats = random_stats(seed, L, hkv, g, T)
     budget = sink + recent + extra
     cfg = KVCrushConfig(representative_fraction=frac, threshold=threshold, anchors=anchors,
-                        anchor_combine=combine, top_fraction=0.3, span=span)
+                        anchor_combine=combine, top_fraction=0.3, span=span, pick=pick)
     p = KVCrush(base=H2O(sink_tokens=sink, recent_tokens=recent), config=cfg)
     got = p.keep_mask(stats, budget)
     want = reference_kvcrush(stats.scores, hkv, sink, recent, budget, frac, threshold, anchors, combine, 0.3,
-                             span)
+                             span, pick)
     np.testing.assert_array_equal(got, want)
 
 
@@ -497,6 +502,7 @@ BAD_CONFIGS = [
     ("kvcrush", {"base": "nope"}, "base"),
     ("kvcrush", {"seed": -3}, "seed"),
     ("kvcrush", {"span": 2}, "span"),
+    ("kvcrush", {"pick": "max"}, "pick"),
     ("kvcrush", {"dynamic_split": "yes"}, "dynamic_split"),
     ("kvcrush-block", {"block_size": 0}, "block_size"),
     ("kvcrush-block", {"anchor": "median"}, "anchor"),

@@ -42,6 +42,7 @@ from kvcrush_ov.policies.snapkv import SnapKV
 THRESHOLDS = ("mean", "median", "top")
 ANCHORS = ("random", "zeros", "ones", "mean", "alternate")
 ANCHOR_COMBINES = ("sum", "lex")
+PICKS = ("medoid", "best")
 # a base that never evicts leaves nothing to represent; nesting block-level KVCrush makes no sense
 _BAD_BASES = ("full", "kvcrush", "kvcrush-block")
 
@@ -64,6 +65,8 @@ class KVCrushConfig:
     seed: the random anchor is drawn from default_rng(seed) on each call, so calls are reproducible.
     span: tokens kept per representative, centred on it (odd; 1 = the paper's single token). A
         representative then brings its neighbours, as SnapKV's pooling does for pivotal tokens.
+    pick: which member stands for a bucket: "medoid" (the paper: nearest the bucket's centre) or
+        "best" (the member the base scores highest, mean over KV heads: diverse AND important).
     dynamic_split: per-layer R from how diffuse the layer's attention is (1 - the mass share the
         base's selection holds), scaled so the mean over layers stays R (the paper's open question).
     """
@@ -76,6 +79,7 @@ class KVCrushConfig:
     seed: int = 0
     span: int = 1
     dynamic_split: bool = False
+    pick: str = "medoid"
 
     def __post_init__(self) -> None:
         owner = "kvcrush"
@@ -96,6 +100,7 @@ class KVCrushConfig:
         if not (is_int(self.span) and self.span >= 1 and self.span % 2 == 1):
             raise ConfigError(f"kvcrush.span must be an odd int >= 1 (1 = single-token representatives), "
                               f"got {self.span!r}")
+        require_choice(owner, "pick", self.pick, PICKS)
         if not isinstance(self.dynamic_split, (bool, np.bool_)):
             raise ConfigError(f"kvcrush.dynamic_split must be true or false, got {self.dynamic_split!r}")
 
@@ -201,18 +206,24 @@ def bucket_bounds(n: int, num_buckets: int) -> np.ndarray:
 
 
 def bucket_representatives(codes: np.ndarray, keys: np.ndarray, num_bits: int,
-                           num_buckets: int) -> np.ndarray:
+                           num_buckets: int, importance: np.ndarray | None = None) -> np.ndarray:
     """int [R, B]: candidate positions (indices into n) of one representative per bucket.
 
     codes: uint64 [R, W, n] packed signatures of the candidates in time order; keys: int [R, n].
     Candidates sorted by (key, position) are cut into `num_buckets` near-equal buckets; each bucket
     keeps the member with the least L1 distance to the bucket's per-bit mean (= least mean Hamming
-    distance to the bucket's members, a medoid), ties -> earliest position. 1 <= B <= n."""
+    distance to the bucket's members, a medoid), ties -> earliest position. 1 <= B <= n.
+    importance: float [R, n] (time order): keep each bucket's most important member instead."""
     R, W, n = codes.shape
     small = keys.size == 0 or (keys.min() >= 0 and keys.max() < 2**15)
     order = np.argsort(keys.astype(np.int16) if small else keys, axis=1, kind="stable")  # radix sort
-    srt = gather_last(codes, order).view(np.int64)  # signed view: (x >> h) & 1 is still bit h
     starts = bucket_bounds(n, num_buckets)
+    if importance is not None:  # rank 0 = most important; ties -> earliest position
+        rank = np.empty((R, n), dtype=np.int64)
+        np.put_along_axis(rank, np.argsort(-importance, axis=1, kind="stable"), np.arange(n)[None, :], axis=1)
+        composite = np.take_along_axis(rank, order, axis=1) * n + order
+        return np.minimum.reduceat(composite, starts, axis=1) % n
+    srt = gather_last(codes, order).view(np.int64)  # signed view: (x >> h) & 1 is still bit h
     sizes = np.diff(np.append(starts, n))
     # size * L1(x, centre) = sum_h |x_h*size - ones_h| = sum_h ones_h + sum_h x_h*(size - 2*ones_h);
     # the first sum is the same for the whole bucket, so only the second decides the argmin
@@ -227,7 +238,7 @@ def bucket_representatives(codes: np.ndarray, keys: np.ndarray, num_bits: int,
 
 
 def select_representatives(keep_rows: np.ndarray, head_scores: np.ndarray, num_reps: np.ndarray | int,
-                           config: KVCrushConfig) -> np.ndarray:
+                           config: KVCrushConfig, importance: np.ndarray | None = None) -> np.ndarray:
     """bool [R, T]: `keep_rows` plus up to `num_reps[r]` representatives among each row's unkept slots.
 
     keep_rows: bool [R, T] (what the base holds); head_scores: [R, H, T] per-head scores (H bits);
@@ -253,7 +264,8 @@ def select_representatives(keep_rows: np.ndarray, head_scores: np.ndarray, num_r
         bits = token_signatures(gather_last(src, cand_t), config.threshold, config.top_fraction)
         codes = pack_signatures(bits)
         keys = anchor_keys(bits, codes, config.anchors, config.anchor_combine, rng)
-        picks = np.take_along_axis(cand_t, bucket_representatives(codes, keys, H, buckets), axis=1)
+        imp = None if importance is None else np.take_along_axis(importance[rows], cand_t, axis=1)
+        picks = np.take_along_axis(cand_t, bucket_representatives(codes, keys, H, buckets, imp), axis=1)
         if half:
             picks = np.clip(picks[:, :, None] + np.arange(-half, half + 1), 0, T - 1).reshape(len(rows), -1)
         sub = out[rows]
@@ -400,7 +412,8 @@ class KVCrush(Policy):
                                   L * r, cap)
             base_mask = topk_keep_mask(base_scores, counts - reps, self.sink_tokens, self.recent_tokens)
         lost = ~base_mask.any(axis=1)  # [L, T] evicted from every KV head: the candidates
-        chosen = select_representatives(~lost, stats.scores, reps, self.config) & lost
+        importance = self.base.score(stats).mean(axis=1) if self.config.pick == "best" else None
+        chosen = select_representatives(~lost, stats.scores, reps, self.config, importance) & lost
         keep = base_mask | chosen[:, None, :]
         if (keep.sum(axis=-1) < counts[:, None]).any():  # few candidates, or spans overlapping the base
             keep = fill_to_count(keep, self.base.score(stats), counts)
