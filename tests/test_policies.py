@@ -300,7 +300,7 @@ def test_kvcrush_by_hand():
     s = np.zeros((1, 2, 10), dtype=np.float32)
     s[0, 0] = [0, 0.9, 0.8, 0.1, 0.2, 3.0, 0.7, 0.05, 0.3, 0]
     s[0, 1] = [0, 0.1, 0.2, 0.9, 0.8, 3.0, 0.05, 0.6, 0.7, 0]
-    cfg = KVCrushConfig(representative_fraction=0.75, threshold="median", anchors=("zeros",))
+    cfg = KVCrushConfig(representative_fraction=0.75, threshold="median", anchors=("zeros",), pick="medoid")
     p = KVCrush(base=H2O(sink_tokens=1, recent_tokens=1), config=cfg)
     assert p.num_representatives(6) == 3  # 0.75 of the 4 selectable; base keeps 0, 9, 5 (budget 3)
     # head0 candidate scores 1:.9 2:.8 3:.1 4:.2 6:.7 7:.05 8:.3 -> median .3 -> bits on 1,2,6
@@ -317,7 +317,7 @@ def test_kvcrush_keeps_the_base_per_kv_head_and_adds_shared_representatives():
     p = make_policy("kvcrush", base="snapkv", sink_tokens=4, recent_tokens=16, window=8)
     m = p.keep_mask(stats, budget=100)
     r = p.num_representatives(100)
-    assert r == 20  # 0.25 of the 80 selectable slots, not of the budget
+    assert r == 8  # 0.1 of the 80 selectable slots, not of the budget
     base = p.base.keep_mask(stats, 100 - r)
     assert (m >= base).all() and (m.sum(-1) == 100).all()
     assert not (base == base[:, :1]).all()  # the base chose per KV head ...
@@ -339,7 +339,7 @@ def test_kvcrush_without_representatives_is_its_base(base, L, hkv, T, extra, see
 
 
 def test_kvcrush_split_never_starves_the_base():
-    p = make_policy("kvcrush", base="snapkv")  # sinks 32 + recent 64
+    p = make_policy("kvcrush", base="snapkv", representative_fraction=0.25)  # sinks 32 + recent 64
     assert p.num_representatives(96) == 0 and p.num_representatives(128) == 8
     assert p.num_representatives(256) == 40  # 25% of the 160 selectable slots
 
