@@ -86,9 +86,9 @@ def test_representatives_match_the_paper_reading_on_real_scores(real):
     stats = seen[0]
     scores = stats.scores[[0, 15, 29]]  # three layers: the loop reference is slow
     sub = AttentionStats(scores, stats.num_kv_heads)
-    for frac, span in ((0.25, 1), (0.5, 3)):
-        cfg = KVCrushConfig(representative_fraction=frac, span=span)
+    for frac, span, pick in ((0.25, 1, "medoid"), (0.5, 3, "medoid"), (0.1, 1, "best")):
+        cfg = KVCrushConfig(representative_fraction=frac, span=span, pick=pick)
         got = KVCrush(base=H2O(), config=cfg).keep_mask(sub, 256)
         want = reference_kvcrush(scores, stats.num_kv_heads, 32, 64, 256, frac, "median", ("mean",), "sum", 0.5,
-                                 span)
+                                 span, pick)
         np.testing.assert_array_equal(got, want)
