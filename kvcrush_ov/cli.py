@@ -30,7 +30,16 @@ def _eviction_config(args: argparse.Namespace, policy: str | None = None, budget
     if policy in (None, "full"):
         return None
     options = parse_options(getattr(args, "policy_option", None) or [])
-    return CacheEvictionConfig(policy, budget=budget or args.budget, options=options)
+    return CacheEvictionConfig(policy, budget=budget or args.budget, options=options, prefill=args.prefill,
+                               prefill_chunk=args.prefill_chunk)
+
+
+def _add_prefill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill", choices=["chunked", "after"], default="chunked",
+                   help="chunked: compact during prefill (memory bounded; prompts longer than the pool run); "
+                        "after: cache the whole prompt, then evict")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="chunked prefill: prompt tokens cached between compactions (0 = the budget)")
 
 
 def _scheduler_config(args: argparse.Namespace, eviction=None):
@@ -59,6 +68,7 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="KV tokens kept per sequence per layer, sinks/recent/representatives included")
     p.add_argument("--policy-option", action="append", metavar="KEY=VALUE",
                    help="a policy option, e.g. window=8, representative_fraction=0.25, anchors=mean (repeatable)")
+    _add_prefill_args(p)
     p.add_argument("--backend", choices=["ours", "native"], default="ours",
                    help="our engine, or openvino_genai's own pipeline and eviction")
 
@@ -178,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="full", help="eviction policy for both backends (native: snapkv, h2o, kvcrush-block)")
     p.add_argument("--budget", type=int, default=512, help="KV tokens kept per sequence per layer")
     p.add_argument("--policy-option", action="append", metavar="KEY=VALUE")
+    _add_prefill_args(p)
     p.add_argument("--out", default="bench.json")
     p.set_defaults(func=cmd_bench)
 
