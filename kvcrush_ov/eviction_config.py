@@ -13,6 +13,7 @@ from .policies import POLICIES, Policy, make_policy
 from .policies.defaults import ACCUMULATION_WINDOW as DEFAULT_ACCUMULATION_WINDOW
 
 PREFILL_MODES = ("chunked", "after")
+PREFILL_SCORES = ("window", "probe")
 
 
 @dataclass
@@ -32,6 +33,10 @@ class CacheEvictionConfig:
     prefill: str = "chunked"
     prefill_chunk: int = 0  # "chunked": prompt tokens added between two compactions; 0 = the budget
     prefill_window: int = 0  # "chunked": newest queries scored at compactions inside the prompt; 0 = window
+    # "chunked": what scores the compactions inside the prompt. "window": the newest queries so far;
+    # "probe": the prompt's own last `window` tokens (usually the question), run alone first at their true
+    # positions, so early chunks are judged by what the question will look for.
+    prefill_scores: str = "window"
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1:
@@ -50,6 +55,9 @@ class CacheEvictionConfig:
         if not isinstance(self.prefill_window, int) or isinstance(self.prefill_window, bool) or self.prefill_window < 0:
             raise ConfigError(f"CacheEvictionConfig.prefill_window must be an integer >= 0 (0 = the policy's "
                               f"window), got {self.prefill_window!r}")
+        if self.prefill_scores not in PREFILL_SCORES:
+            raise ConfigError(f"CacheEvictionConfig.prefill_scores must be one of "
+                              f"{', '.join(map(repr, PREFILL_SCORES))}, got {self.prefill_scores!r}")
         if self.prefill not in PREFILL_MODES:
             raise ConfigError(f"CacheEvictionConfig.prefill must be one of {', '.join(map(repr, PREFILL_MODES))}, "
                               f"got {self.prefill!r}")

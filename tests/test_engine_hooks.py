@@ -213,3 +213,26 @@ def test_decode_scores_after_compaction_match_masked_hf_attention(ids):
                 ref = o.attentions[layer][0, :, 0, visible].numpy()
                 np.testing.assert_allclose(ours, ref, atol=1e-5)
     finish(e)
+
+
+def test_probe_of_the_prompt_tail_scores_compactions_inside_the_prompt(tiny_llama_dir, ids):
+    """prefill_scores="probe": the prompt's last tokens run first, alone, at their true positions; the
+    caller never sees that internal request, and aborting the request ends its probe too."""
+    e = engine(tiny_llama_dir)
+    ev = CacheEvictionConfig("snapkv", budget=40, options={**SMALL, "window": 8}, prefill_chunk=32,
+                             prefill_scores="probe", prefill_window=16)
+    seen = []
+    s = e.add_request(ids, GenerationConfig(max_new_tokens=4, ignore_eos=True), eviction=ev)
+    assert len(e.sequences) == 2  # the request and its probe
+    probe = next(p for p in e.sequences.values() if p is not s)
+    assert probe.token_ids == ids[-16:] and probe.position_offset == len(ids) - 16
+    while e.has_unfinished:
+        seen += e.step()
+        e.blocks.check_invariants()
+        if s.seq_id in e.evictor._probes:
+            assert e.evictor._probes[s.seq_id].shape[1] == 16
+    assert seen == [s] and s.num_generated == 4 and s.metrics.evictions >= (len(ids) - 40) // 32
+    assert e.blocks.num_used_blocks == 0 and not e.evictor._probes
+    s2 = e.add_request(ids, GenerationConfig(max_new_tokens=4, ignore_eos=True), eviction=ev)
+    e.abort(s2.seq_id)
+    assert not e.has_unfinished and not e.sequences and e.blocks.num_used_blocks == 0

@@ -9,8 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def _window_logits(queries: np.ndarray, keys: np.ndarray, scale: float | np.ndarray) -> np.ndarray:
-    """Scaled, causally masked logits [..., Hq, W, T]."""
+def _window_logits(queries: np.ndarray, keys: np.ndarray, scale: float | np.ndarray,
+                   causal: bool = True) -> np.ndarray:
+    """Scaled logits [..., Hq, W, T], causally masked (queries = the W newest slots) unless causal=False
+    (queries from positions after every key)."""
     *lead, w, hq, hd = queries.shape
     hkv, t = keys.shape[-3], keys.shape[-2]
     g = hq // hkv
@@ -18,10 +20,11 @@ def _window_logits(queries: np.ndarray, keys: np.ndarray, scale: float | np.ndar
     logits = np.matmul(q, np.swapaxes(keys, -1, -2))                     # [..., Hkv, g*W, T]
     logits *= np.asarray(scale, dtype=np.float32).reshape(*lead, 1, 1, 1) if np.ndim(scale) else np.float32(scale)
     logits = logits.reshape(*lead, hq, w, t)
-    w = min(w, t)
-    tail = logits[..., -w:]  # only the last W slots can lie in a query's future
-    future = np.arange(w)[None, :] > np.arange(w)[:, None]
-    np.putmask(tail, np.broadcast_to(future, tail.shape), -np.inf)
+    if causal:
+        w = min(w, t)
+        tail = logits[..., -w:]  # only the last W slots can lie in a query's future
+        future = np.arange(w)[None, :] > np.arange(w)[:, None]
+        np.putmask(tail, np.broadcast_to(future, tail.shape), -np.inf)
     logits -= logits.max(axis=-1, keepdims=True)
     np.exp(logits, out=logits)
     return logits
@@ -36,10 +39,11 @@ def window_probabilities(queries: np.ndarray, keys: np.ndarray, scale: float | n
     return e
 
 
-def window_scores(queries: np.ndarray, keys: np.ndarray, scale: float | np.ndarray) -> np.ndarray:
+def window_scores(queries: np.ndarray, keys: np.ndarray, scale: float | np.ndarray,
+                  causal: bool = True) -> np.ndarray:
     """[..., Hq, T]: attention mass each head's window queries gave each slot (summed over the window).
 
     The normalisation and the sum over the window are one matrix product: (1/Z)[W] @ exp[W, T]."""
-    e = _window_logits(queries, keys, scale)
+    e = _window_logits(queries, keys, scale, causal)
     inv = 1.0 / e.sum(axis=-1)                                           # [..., Hq, W]
     return np.matmul(inv[..., None, :], e)[..., 0, :]

@@ -42,6 +42,7 @@ class EvictionPlan:
     during_prefill: bool      # compact between prompt chunks (memory-bounded prefill)
     prefill_chunk: int = 0    # prompt tokens added between two such compactions (resolved by Evictor.plan)
     prefill_window: int = 0   # queries scored at those compactions (resolved by Evictor.plan)
+    probe: bool = False       # score those compactions with a probe of the prompt's tail instead
 
     @property
     def query_window(self) -> int:
@@ -80,6 +81,7 @@ class Evictor:
         self.blocks = blocks
         self.stats = EvictionStats()
         self._states: dict[int, EvictionState] = {}
+        self._probes: dict[int, np.ndarray] = {}  # seq_id -> [L, W, Hq, hd] queries of its prompt's tail
 
     def plan(self, config: CacheEvictionConfig) -> EvictionPlan:
         """Validate a config against this engine (pool, context, cache precision) and resolve it."""
@@ -91,9 +93,13 @@ class Evictor:
         # Memory-bounded prefill adds this many prompt tokens between compactions (the budget unless set;
         # fewer, larger compactions cost less and decide on more context): budget + chunk + one block
         # must fit the pool, so the chunk shrinks to fit.
+        if plan.during_prefill and 0 < config.prefill_chunk < bs:
+            raise ConfigError(f"CacheEvictionConfig.prefill_chunk={config.prefill_chunk} is below one KV block "
+                              f"({bs} tokens); use at least {bs} (or 0 for the budget)")
         chunk = config.prefill_chunk or plan.budget
         plan = replace(plan, prefill_chunk=max(0, min(chunk, pool - plan.budget - bs)),
-                       prefill_window=(config.prefill_window or plan.window) if plan.window else 0)
+                       prefill_window=(config.prefill_window or plan.window) if plan.window else 0,
+                       probe=plan.during_prefill and config.prefill_scores == "probe" and plan.window > 0)
         if plan.during_prefill and plan.prefill_chunk < bs:
             raise ConfigError(f"eviction budget {plan.budget} leaves no room for a prompt chunk in a KV pool of "
                               f"{pool} tokens: budget + one chunk + one block ({bs}) must fit; use a budget of at "
@@ -128,6 +134,15 @@ class Evictor:
     def drop(self, seq: Sequence) -> None:
         """Forget a sequence's state (preempted: it will be prefilled again; or finished)."""
         self._states.pop(seq.seq_id, None)
+        if seq.is_finished:
+            self._probes.pop(seq.seq_id, None)
+
+    def take_probe(self, probe: Sequence, target: Sequence) -> None:
+        """A probe of target's prompt tail finished: its queries score target's compactions inside the
+        prompt (kept across preemptions: the prompt is the same)."""
+        st = self._states.get(probe.seq_id)
+        if st is not None and st.queries is not None and not target.is_finished:
+            self._probes[target.seq_id] = st.queries
 
     # -- every step --------------------------------------------------------------------------------
     def observe(self, chunks: list[ScheduledChunk]) -> None:
@@ -189,7 +204,8 @@ class Evictor:
         return True
 
     # -- one eviction ------------------------------------------------------------------------------
-    def _scores(self, seq: Sequence, window: int, st: EvictionState, num_slots: int) -> np.ndarray:
+    def _scores(self, seq: Sequence, window: int, queries: np.ndarray, num_slots: int,
+                causal: bool = True) -> np.ndarray:
         """[L, Hq, num_slots] for layers that all hold num_slots slots, scored a group of layers per
         numpy call (a few calls per eviction instead of one per layer; the group bounds the temporaries)."""
         L = self.runner.num_layers
@@ -204,32 +220,38 @@ class Evictor:
             hi = min(L, lo + group)
             for i, layer in enumerate(range(lo, hi)):
                 keys[i] = self.runner.kv.read_keys(layer, tables[layer], num_slots)
-            out[lo:hi] = window_scores(st.queries[lo:hi, -window:], keys[:hi - lo], scales[lo:hi])
+            out[lo:hi] = window_scores(queries[lo:hi, -window:], keys[:hi - lo], scales[lo:hi], causal)
         return out
 
-    def _layer_scores(self, seq: Sequence, window: int, st: EvictionState, layer: int,
-                      num_slots: int) -> np.ndarray:
+    def _layer_scores(self, seq: Sequence, window: int, queries: np.ndarray, layer: int,
+                      num_slots: int, causal: bool = True) -> np.ndarray:
         """[Hq, num_slots]: the attention the newest W queries gave each slot, per query head."""
         if not window:
             return np.zeros((self.runner.num_q_heads, num_slots), np.float32)
         keys = self.runner.kv.read_keys(layer, self.blocks.tables[seq.seq_id][layer], num_slots)
-        return window_scores(st.queries[layer, -window:], keys, self.runner.softmax_scales[layer])
+        return window_scores(queries[layer, -window:], keys, self.runner.softmax_scales[layer], causal)
 
     def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray,
                uneven: bool) -> int:
         """Compact the sequence to the policy's keep-sets; return the tokens evicted per layer (mean)."""
         L, hkv = self.runner.num_layers, self.runner.num_kv_heads
         policy = plan.policy
-        window = plan.window if seq.num_computed >= seq.num_prompt_tokens else plan.prefill_window
+        in_prompt = seq.num_computed < seq.num_prompt_tokens
+        window = plan.prefill_window if in_prompt else plan.window
+        queries, causal = st.queries, True
+        if in_prompt and plan.probe and seq.seq_id in self._probes:  # the question's view, from the future
+            queries, causal = self._probes[seq.seq_id], False
+            window = queries.shape[1]
         if not uneven:  # all layers alike: one policy call over every layer
-            scores = self._scores(seq, window, st, int(lens[0]))
+            scores = self._scores(seq, window, queries, int(lens[0]), causal)
             st.policy_state, ranked = policy.update(st.policy_state, scores)
             masks = policy.keep_mask(AttentionStats(ranked, hkv), plan.budget)
         else:  # layers hold different lengths (after PyramidKV): each layer on its own, to its target
             if policy.stateful:
                 raise ConfigError(f"policy {policy.name!r} carries state per slot and cannot follow "
                                   f"per-layer budgets")
-            masks = [policy.keep_mask(AttentionStats(self._layer_scores(seq, window, st, layer, int(lens[layer]))[None],
+            masks = [policy.keep_mask(AttentionStats(self._layer_scores(seq, window, queries, layer, int(lens[layer]),
+                                                                        causal)[None],
                                                      hkv), int(st.targets[layer]))[0] for layer in range(L)]
         counts = [m.sum(axis=-1) for m in masks]  # [Hkv] per layer
         for layer, c in enumerate(counts):

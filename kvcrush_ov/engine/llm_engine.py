@@ -88,6 +88,7 @@ class LLMEngine:
         self.sequences: dict[int, Sequence] = {}
         self.last_step: StepStats | None = None
         self.num_preemptions = 0
+        self._probes: dict[int, Sequence] = {}  # probe seq_id -> the request it scores for (internal)
 
     def _make_runner(self, *, model_dir, device, properties, precision, evicting, per_layer_lengths) -> ModelRunner:
         return ModelRunner(model_dir, device, cache_size_gb=self.config.cache_size,
@@ -129,9 +130,21 @@ class LLMEngine:
         seq = Sequence(next(self._ids), ids, len(ids), config, eos_token_ids=eos, streamer=streamer,
                        arrival=time.perf_counter(), eviction=plan, query_window=self._query_window(plan, query_window),
                        token_source=token_source, logits_observer=logits_observer)
+        if plan is not None and plan.probe and len(ids) > plan.budget + plan.prefill_chunk:
+            self._add_probe(seq)
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
+
+    def _add_probe(self, seq: Sequence) -> None:
+        """Run the prompt's last `window` tokens alone first, at their true positions: their queries
+        judge the compactions inside the prompt, before the prompt's real end is reached."""
+        w = min(seq.eviction.prefill_window, len(seq.token_ids))
+        probe = Sequence(next(self._ids), seq.token_ids[-w:], w, GenerationConfig(max_new_tokens=1, ignore_eos=True),
+                         position_offset=len(seq.token_ids) - w, query_window=w, arrival=seq.arrival)
+        self._probes[probe.seq_id] = seq
+        self.sequences[probe.seq_id] = probe
+        self.scheduler.add(probe)
 
     def _query_window(self, plan: EvictionPlan | None, asked: int) -> int:
         if asked and not self.runner.softmax_scales:
@@ -287,11 +300,19 @@ class LLMEngine:
 
     def _drop_finished(self) -> list[Sequence]:
         """Free finished sequences' blocks and forget them (the caller keeps its own references)."""
-        done = self.scheduler.remove_finished()
-        for s in done:
+        for probe_id, target in list(self._probes.items()):  # a probe lives only as long as its request
+            if target.is_finished and not self.sequences[probe_id].is_finished:
+                self.sequences[probe_id].finish(FinishReason.ABORT)
+        visible = []
+        for s in self.scheduler.remove_finished():
             self.sequences.pop(s.seq_id, None)
+            target = self._probes.pop(s.seq_id, None)
+            if target is not None:
+                self.evictor.take_probe(s, target)
+            else:
+                visible.append(s)
             self.evictor.drop(s)
-        return done
+        return visible
 
     # -- stopping and streaming ----------------------------------------------------------------------
     def _check_stop(self, seq: Sequence, token: int) -> None:

@@ -131,13 +131,14 @@ class ModelRunner:
         """Feed the chunks; return logits [S, V] for the chunks that sample, in chunk order."""
         lens = np.array([c.num_tokens for c in chunks], dtype=np.int32)
         starts = np.array([c.seq.num_computed for c in chunks], dtype=np.int64)
+        first_pos = starts + np.array([c.seq.position_offset for c in chunks], dtype=np.int64)
         layer_past = np.stack([blocks.layer_lens(c.seq.seq_id) for c in chunks], axis=1).astype(np.int32)  # [L, S]
         past = layer_past.max(axis=0)
         input_ids = np.concatenate([np.asarray(c.seq.token_ids[s:s + n], dtype=np.int64)
                                     for c, s, n in zip(chunks, starts, lens)])
         # True positions: evicted tokens leave gaps in the cache, not in RoPE positions.
         offsets = np.repeat(np.cumsum(lens) - lens, lens)
-        position_ids = np.arange(int(lens.sum()), dtype=np.int64) - offsets + np.repeat(starts, lens)
+        position_ids = np.arange(int(lens.sum()), dtype=np.int64) - offsets + np.repeat(first_pos, lens)
         begins = np.zeros(len(chunks) + 1, dtype=np.int32)
         np.cumsum(lens, out=begins[1:])
         sample_rows = np.array([i for i, c in enumerate(chunks) if c.samples], dtype=np.int64)

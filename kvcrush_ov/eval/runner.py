@@ -22,6 +22,8 @@ from tqdm import tqdm
 from ..config import GenerationConfig, SchedulerConfig
 from ..errors import ConfigError
 from ..eviction_config import PREFILL_MODES, CacheEvictionConfig
+
+PREFILL_OPTIONS = ("prefill", "prefill_chunk", "prefill_window", "prefill_scores")  # eval variants may set them
 from ..options import parse_policy_spec as parse_policy
 from ..policies import POLICIES, defaults, make_policy
 from .metrics import exact_match_rate, mean_and_ci, rouge_l, score
@@ -93,7 +95,7 @@ class Runner:
                 self.signatures[spec] = "native" if name in NATIVE else "full"
                 continue
             policy = make_policy(name, **options)
-            self.signatures[spec] = repr(policy) + ("" if prefill == "after" else f" prefill={prefill}")
+            self.signatures[spec] = repr(policy) + ("" if prefill == {"prefill": "after"} else f" {prefill}")
             per_layer |= policy.per_layer_budgets
         self.engine = LLMEngine(self.model_dir, config.device,
                                 SchedulerConfig(cache_size=config.cache_size, kv_cache_precision=config.kv_precision),
@@ -105,16 +107,17 @@ class Runner:
         self.timing = {"prefill_s": 0.0, "fanout_decode_s": 0.0, "runs": 0}
         self.precision = self.engine.kv_precision
 
-    def _spec(self, spec: str) -> tuple[str, dict, str]:
-        """'kvcrush:anchors=alternate;prefill=chunked' -> (name, policy options, prefill mode). Forks of
-        the shared prefill are evicted after it ("after"); "chunked" runs prefill on its own, compacted
-        between chunks (memory-bounded), so its prompt is prefilled once more."""
+    def _spec(self, spec: str) -> tuple[str, dict, dict]:
+        """'kvcrush:anchors=alternate;prefill=chunked' -> (name, policy options, eviction options). Forks
+        of the shared prefill are evicted after it (prefill "after"); prefill=chunked (with its
+        prefill_chunk / prefill_window / prefill_scores) runs its own memory-bounded prefill."""
         name, variant = parse_policy(spec)
         options = {**(self.config.policy_options or {}).get(name, {}), **variant}
-        prefill = options.pop("prefill", "after")
-        if prefill not in PREFILL_MODES:
+        eviction = {k: options.pop(k) for k in PREFILL_OPTIONS if k in options}
+        eviction.setdefault("prefill", "after")
+        if eviction["prefill"] not in PREFILL_MODES:
             raise ConfigError(f"policy variant {spec!r}: prefill must be one of {', '.join(PREFILL_MODES)}")
-        return name, options, prefill
+        return name, options, eviction
 
     def _tokens(self, budget: float, prompt_len: int, minimum: int) -> int:
         if self.config.budget_bytes:
@@ -128,13 +131,13 @@ class Runner:
         t0 = time.perf_counter()
         plans = {}  # (policy spec, budget) -> (tokens, CacheEvictionConfig)
         for policy in self.config.policies:
-            name, options, prefill = self._spec(policy)
+            name, options, eviction = self._spec(policy)
             if name in NATIVE or name == "full":
                 continue
             for budget in self.config.budgets:
                 tokens = self._tokens(budget, len(ids), make_policy(name, **options).protected_tokens)
                 plans[(policy, budget)] = (tokens, CacheEvictionConfig(name, budget=tokens, options=options,
-                                                                       prefill=prefill))
+                                                                       **eviction))
         forked = {k: v for k, v in plans.items() if v[1].prefill == "after"}
         reference = FullCacheReference()
         parent = engine.add_request(ids, cfg, eviction=None, logits_observer=reference.observe,
