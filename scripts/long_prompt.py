@@ -41,8 +41,14 @@ def main(argv: list[str] | None = None) -> None:
              CacheEvictionConfig("kvcrush", budget=args.budget, prefill="after")),
             (f"kvcrush {args.budget}, memory-bounded prefill, {args.num_kv_blocks} blocks", small,
              CacheEvictionConfig("kvcrush", budget=args.budget)),
+            (f"kvcrush {args.budget}, memory-bounded prefill scored by a probe of the prompt's tail, "
+             f"{args.num_kv_blocks} blocks", small,
+             CacheEvictionConfig("kvcrush", budget=args.budget, prefill_scores="probe", prefill_window=64)),
             (f"snapkv {args.budget}, memory-bounded prefill, {args.num_kv_blocks} blocks", small,
-             CacheEvictionConfig("snapkv", budget=args.budget))]
+             CacheEvictionConfig("snapkv", budget=args.budget)),
+            (f"snapkv {args.budget}, memory-bounded prefill scored by a probe of the prompt's tail, "
+             f"{args.num_kv_blocks} blocks", small,
+             CacheEvictionConfig("snapkv", budget=args.budget, prefill_scores="probe", prefill_window=64))]
     pool_tokens = args.num_kv_blocks * 32
     print(f"model {model_dir.name}; prompts of {min(n_tokens)}-{max(n_tokens)} tokens, keys at depths "
           f"{', '.join(f'{d:.0%}' for d in depths)}; a {args.num_kv_blocks}-block pool holds {pool_tokens} tokens\n")
