@@ -61,6 +61,7 @@ class ModelRunner:
             raise ModelError(f"{self.model_dir} is not a stateful model with ScaledDotProductAttention; re-export "
                              f"it with `optimum-cli export openvino --task text-generation-with-past` (SDPA on)")
         self.info = transforms.make_paged_model(model)
+        self.sliding_windows = transforms.sliding_windows(model, self.core)  # per layer, 0 = global
         self.softmax_scales = (transforms.expose_queries(model, self._config_head_size())
                                if expose_queries else [])
         self.per_layer_lengths = expose_queries  # eviction may leave layers with different lengths
