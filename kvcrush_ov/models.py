@@ -492,9 +492,9 @@ def _build_hf_gemma3(out: Path) -> dict:
     with _step("gemma3-270m: checking it answers plain facts"):
         answers = []
         for prompt, fact in _GEMMA3_FACTS:  # a base model: completions, not chat
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
             with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+                out = model.generate(prompt_ids, max_new_tokens=6, do_sample=False)[0, prompt_ids.shape[1]:]
             answers.append(tokenizer.decode(out, skip_special_tokens=True))
             if fact not in answers[-1]:
                 raise ModelError(f"gemma3-270m completed {prompt!r} with {answers[-1]!r}, not {fact!r} "

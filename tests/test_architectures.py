@@ -16,7 +16,9 @@ from kvcrush_ov.config import GenerationConfig
 from kvcrush_ov.engine.attention_scores import window_probabilities
 from kvcrush_ov.engine.llm_engine import LLMEngine
 from kvcrush_ov.models import TINY_ARCHS, hf_dir, prepare
-from kvcrush_ov.policies import POLICIES
+from kvcrush_ov.policies import POLICIES as _POLICY_CLASSES
+
+POLICIES = list(_POLICY_CLASSES)
 
 ARCHS = list(TINY_ARCHS)
 F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": ov.Type.f32}
@@ -121,3 +123,62 @@ def test_greedy_matches_openvino_genai(arch):
     bad = [LENGTHS[i] for i in range(len(prompts)) if ours[i] != ref[i]]
     assert not bad, f"{name}: outputs differ from openvino-genai for prompt lengths {bad}"
     assert engine.blocks.num_used_blocks == 0
+
+
+# ------------------------------------------------------------------------------------- eviction
+
+EVICT_BUDGET = 48
+SMALL = {"sink_tokens": 4, "recent_tokens": 16}
+
+
+def small_options(policy: str) -> dict:
+    opts = {} if policy == "full" else dict(SMALL)
+    if policy in ("snapkv", "pyramidkv", "kvcrush"):
+        opts["window"] = 8
+    if policy == "kvcrush-block":
+        opts["block_size"] = 32
+    return opts
+
+
+def test_every_policy_evicts_and_frees_every_block(arch):
+    """All policies batched in one engine (one request each, two prompt lengths), with decode-time
+    evictions: per-layer caches stay within budget (sliding layers within their window) plus one block,
+    block accounting is consistent every step and back to zero at the end."""
+    name, model_dir = arch
+    engine = LLMEngine(model_dir, "CPU", SchedulerConfig(cache_size=0.1), F32, enable_eviction=True)
+    windows = np.asarray(engine.runner.sliding_windows)
+    bs = engine.runner.block_size
+    seqs = []
+    for i, policy in enumerate(POLICIES):
+        cfg = CacheEvictionConfig(policy, budget=EVICT_BUDGET, options=small_options(policy))
+        ids = prompt_ids(None, (161, 300)[i % 2], seed=100 + i)
+        seqs.append(engine.add_request(ids, GenerationConfig(max_new_tokens=40, ignore_eos=True), eviction=cfg))
+    while engine.has_unfinished:
+        engine.step()
+        engine.blocks.check_invariants()
+        for s in seqs:
+            if s.is_finished or s.kv_state is None or s.kv_state.targets is None:
+                continue
+            lens, targets = s.layer_lens(engine.runner.num_layers), s.kv_state.targets
+            if s.eviction.policy.name != "full":  # PyramidKV: the budget is the mean over layers
+                assert (lens < targets + bs).all(), (name, s.eviction.policy.name, lens, targets)
+                assert targets.mean() <= EVICT_BUDGET, (name, s.eviction.policy.name, targets)
+            assert (targets[windows > 0] <= windows[windows > 0]).all(), (name, s.eviction.policy.name, targets)
+    assert all(len(s.output_ids) == 40 for s in seqs)
+    assert all(s.kv_state.num_evictions >= 2 for s in seqs if s.eviction.policy.name != "full"), name
+    assert engine.blocks.num_used_blocks == 0
+
+
+def test_sliding_layers_evict_only_what_they_cannot_see():
+    """Mistral: every layer slides (window 48). With a budget above the window, eviction drops only
+    tokens no layer can see any more, so greedy outputs stay equal to openvino-genai's full cache,
+    for every policy, while each layer holds at most window + one block."""
+    model_dir = prepare("tiny-mistral", "fp32")
+    prompts = [prompt_ids(None, n, seed=200 + i) for i, n in enumerate((90, 161, 300))]
+    ref = native_outputs(model_dir, prompts, NEW_TOKENS * 2)
+    for policy in ("snapkv", "kvcrush", "h2o", "streaming"):
+        eviction = CacheEvictionConfig(policy, budget=96, options=small_options(policy))
+        ours, engine = our_outputs(model_dir, prompts, NEW_TOKENS * 2, eviction)
+        assert ours == ref, policy
+        assert engine.evictor.stats.evictions >= 3, policy
+        assert engine.blocks.num_used_blocks == 0

@@ -58,6 +58,15 @@ class EvictionState:
                        accumulated=None if self.accumulated is None else self.accumulated.copy())
 
 
+def _newest(num_kv_heads: int, num_slots: int, n: int) -> np.ndarray:
+    """Keep-mask [Hkv, num_slots] of the newest n slots: what a sliding-window layer keeps. It never
+    sees a token older than its window, so no budget goes there, and its slots stay contiguous, so the
+    kernel's window (counted in slots) stays the window in positions."""
+    mask = np.zeros((num_kv_heads, num_slots), dtype=bool)
+    mask[:, max(0, num_slots - n):] = True
+    return mask
+
+
 @dataclass
 class EvictionStats:
     evictions: int = 0
@@ -143,15 +152,19 @@ class Evictor:
         return True
 
     # -- one eviction ------------------------------------------------------------------------------
-    def _scores(self, seq: Sequence, plan: EvictionPlan, st: EvictionState) -> np.ndarray:
+    def _scores(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray) -> np.ndarray:
+        """[L, Hq, T] per-head window scores; a layer holding fewer slots (sliding) is zero-padded."""
         L, T = self.runner.num_layers, seq.cache_len
         hq = self.runner.num_q_heads
+        scores = np.zeros((L, hq, T), np.float32)
         if not plan.window:
-            return np.zeros((L, hq, T), np.float32)
+            return scores
         tables = self.blocks.tables[seq.seq_id]
-        scores = np.stack([
-            window_scores(st.queries[layer, -plan.window:], self.runner.kv.read_keys(layer, tables[layer], T),
-                          self.runner.softmax_scales[layer]) for layer in range(L)])
+        for layer in range(L):
+            n = int(lens[layer])
+            scores[layer, :, :n] = window_scores(
+                st.queries[layer, -plan.window:], self.runner.kv.read_keys(layer, tables[layer], n),
+                self.runner.softmax_scales[layer], self.runner.sliding_windows[layer])
         if plan.policy.score_source != "accumulated":
             return scores
         if st.accumulated is None:
@@ -170,16 +183,24 @@ class Evictor:
         scores = np.zeros((hq, num_slots), np.float32)
         if plan.window:
             keys = self.runner.kv.read_keys(layer, self.blocks.tables[seq.seq_id][layer], num_slots)
-            scores = window_scores(st.queries[layer, -plan.window:], keys, self.runner.softmax_scales[layer])
+            scores = window_scores(st.queries[layer, -plan.window:], keys, self.runner.softmax_scales[layer],
+                                   self.runner.sliding_windows[layer])
         return plan.policy.keep_mask(AttentionStats(scores[None], self.runner.num_kv_heads), int(target))[0]
 
     def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState) -> None:
         L, hkv = self.runner.num_layers, self.runner.num_kv_heads
         lens = seq.layer_lens(L)
-        if seq.layer_offsets is None:  # all layers alike: one policy call over every layer
-            masks = plan.policy.keep_mask(AttentionStats(self._scores(seq, plan, st), hkv), plan.budget)
+        windows = np.asarray(self.runner.sliding_windows, dtype=np.int64)
+        sliding = windows > 0
+        if seq.layer_offsets is None or not seq.layer_offsets[~sliding].any():
+            # global layers alike: one policy call over every layer (sliding layers are redone below)
+            masks = list(plan.policy.keep_mask(AttentionStats(self._scores(seq, plan, st, lens), hkv), plan.budget))
         else:
-            masks = [self._layer_mask(seq, plan, st, layer, lens[layer], st.targets[layer]) for layer in range(L)]
+            masks = [None if sliding[layer] else self._layer_mask(seq, plan, st, layer, lens[layer], st.targets[layer])
+                     for layer in range(L)]
+        for layer in np.flatnonzero(sliding):
+            target = int(masks[layer][0].sum()) if masks[layer] is not None else int(st.targets[layer])
+            masks[layer] = _newest(hkv, int(lens[layer]), min(target, int(windows[layer])))
         kept = np.array([int(m[0].sum()) for m in masks])
         # A forked sequence shares blocks with its parent: compaction writes only into private ones.
         self.runner.kv.copy_blocks(self.blocks.make_private(seq.seq_id, int(kept.max())))
