@@ -494,8 +494,8 @@ def _build_hf_gemma3(out: Path) -> dict:
         for prompt, fact in _GEMMA3_FACTS:  # a base model: completions, not chat
             prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
             with torch.no_grad():
-                out = model.generate(prompt_ids, max_new_tokens=6, do_sample=False)[0, prompt_ids.shape[1]:]
-            answers.append(tokenizer.decode(out, skip_special_tokens=True))
+                completion = model.generate(prompt_ids, max_new_tokens=6, do_sample=False)[0, prompt_ids.shape[1]:]
+            answers.append(tokenizer.decode(completion, skip_special_tokens=True))
             if fact not in answers[-1]:
                 raise ModelError(f"gemma3-270m completed {prompt!r} with {answers[-1]!r}, not {fact!r} "
                                  f"(tokenizer or weights broken)")

@@ -94,6 +94,9 @@ class Evictor:
                 raise ConfigError("this engine was built without eviction support; pass a cache_eviction_config "
                                   "in SchedulerConfig (or enable_eviction=True) when creating it")
             self.runner.kv.require_token_rows("eviction with attention scores")
+            if self.runner.uses_alibi:
+                raise ConfigError(f"policy {plan.policy.name!r} scores attention per head, which does not model this "
+                                  f"model's ALiBi position biases; use 'streaming' or the full cache")
         return plan
 
     @staticmethod
