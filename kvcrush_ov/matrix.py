@@ -107,7 +107,7 @@ def _hf_window_probs(model, ids: list[int]) -> list[np.ndarray]:
 def score_error(model_dir: Path, hf_dir: Path, prompts: list[list[int]], as_exported: bool = True) -> float:
     """Batched prefill, then one batched decode step: worst |ours - HF| over layers, heads, queries, keys."""
     eviction = CacheEvictionConfig("snapkv", budget=4000, options={"window": SCORE_WINDOW, "recent_tokens": 64})
-    engine = LLMEngine(model_dir, "CPU", SchedulerConfig(cache_size=0.1, max_num_batched_tokens=8192,
+    engine = LLMEngine(model_dir, "CPU", SchedulerConfig(cache_size=0.5, max_num_batched_tokens=8192,
                                                          cache_eviction_config=eviction), F32)
     hf = hf_model(hf_dir, as_exported)
     seqs = [engine.add_request(p, GenerationConfig(max_new_tokens=3, ignore_eos=True)) for p in prompts]
@@ -142,7 +142,7 @@ def every_policy(model_dir: Path, budget: int = EVICT_BUDGET, new_tokens: int = 
     """Every policy in one engine, one request each (161 and 300 prompt tokens), batched, with
     decode-time evictions; block invariants checked every step. Returns the runs and the blocks
     still used at the end (0 when accounting is right)."""
-    engine = LLMEngine(model_dir, "CPU", SchedulerConfig(cache_size=0.1), F32, enable_eviction=True)
+    engine = LLMEngine(model_dir, "CPU", SchedulerConfig(cache_size=0.3), F32, enable_eviction=True)
     L = engine.runner.num_layers
     seqs = []
     for i, policy in enumerate(POLICIES):
