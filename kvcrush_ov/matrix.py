@@ -118,7 +118,8 @@ def score_error(model_dir: Path, hf_dir: Path, prompts: list[list[int]], as_expo
             queries = engine.evictor.state(seq).queries
             ref = _hf_window_probs(hf, seq.token_ids[:seq.num_computed])
             for layer in range(runner.num_layers):
-                keys = runner.kv.read_keys(layer, engine.blocks.tables[seq.seq_id][layer], seq.cache_len)
+                keys = runner.kv.read_keys(layer, engine.blocks.tables[seq.seq_id][layer],
+                                           engine.blocks.cache_len(seq.seq_id))
                 ours = window_probabilities(queries[layer], keys, runner.softmax_scales[layer],
                                             runner.sliding_windows[layer])
                 worst = max(worst, float(np.abs(ours - ref[layer]).max()))
@@ -142,7 +143,8 @@ def every_policy(model_dir: Path, budget: int = EVICT_BUDGET, new_tokens: int = 
     """Every policy in one engine, one request each (161 and 300 prompt tokens), batched, with
     decode-time evictions; block invariants checked every step. Returns the runs and the blocks
     still used at the end (0 when accounting is right)."""
-    engine = LLMEngine(model_dir, "CPU", SchedulerConfig(cache_size=0.3), F32, enable_eviction=True)
+    engine = LLMEngine(model_dir, "CPU", SchedulerConfig(cache_size=0.3), F32, enable_eviction=True,
+                       per_layer_lengths=True)
     L = engine.runner.num_layers
     seqs = []
     for i, policy in enumerate(POLICIES):
@@ -150,14 +152,16 @@ def every_policy(model_dir: Path, budget: int = EVICT_BUDGET, new_tokens: int = 
         seqs.append(engine.add_request(prompt_ids((161, 300)[i % 2], seed=100 + i),
                                        GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True), eviction=cfg))
     most = {s.seq_id: np.zeros(L, dtype=np.int64) for s in seqs}
+    targets = {}
     while engine.has_unfinished:
         engine.step()
         engine.blocks.check_invariants()
         for s in seqs:
-            if not s.is_finished and s.kv_state is not None and s.kv_state.targets is not None:
-                most[s.seq_id] = np.maximum(most[s.seq_id], s.layer_lens(L))
-    runs = [PolicyRun(s.eviction.policy.name, s.kv_state.num_evictions, most[s.seq_id].tolist(),
-                      [int(t) for t in s.kv_state.targets]) for s in seqs]
+            if not s.is_finished and engine.evictor.has_evicted(s):
+                most[s.seq_id] = np.maximum(most[s.seq_id], engine.blocks.layer_lens(s.seq_id))
+                targets[s.seq_id] = [int(t) for t in engine.evictor.state(s).targets]
+    runs = [PolicyRun(s.eviction.policy.name, s.metrics.evictions, most[s.seq_id].tolist(),
+                      targets.get(s.seq_id, [])) for s in seqs]
     if any(len(s.output_ids) != new_tokens for s in seqs):
         raise AssertionError("a request stopped early")
     return runs, engine.blocks.num_used_blocks

@@ -35,13 +35,21 @@ def _reason(e: Exception) -> str:
 
 @dataclass
 class DecodedResults:
-    """Like openvino_genai.DecodedResults: `texts`, `scores`; str() gives the text(s)."""
+    """Like openvino_genai.DecodedResults: `texts`, `scores` (cumulative log-probability of each
+    request's generated tokens); str() gives the text(s). Per request also what it cost: the KV bytes
+    it held while decoding (its peak, after eviction), its evictions and its timings."""
 
     texts: list[str]
     scores: list[float]
     token_ids: list[list[int]] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
     prompt_lengths: list[int] = field(default_factory=list)
+    kv_bytes: list[int] = field(default_factory=list)
+    evictions: list[int] = field(default_factory=list)
+    tokens_evicted: list[int] = field(default_factory=list)
+    eviction_seconds: list[float] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    latency_s: list[float] = field(default_factory=list)
 
     def __str__(self) -> str:
         return self.texts[0] if len(self.texts) == 1 else "\n".join(self.texts)
@@ -111,8 +119,6 @@ class LLMPipeline:
             path, device, config, properties, decode=self.tokenizer.decode,
             eos_token_ids=frozenset({self.generation_config.eos_token_id}))
         self._lock = threading.Lock()
-        # KV bytes each request of the last generate() held while decoding (its peak after eviction)
-        self.last_kv_bytes: list[int] = []
 
     def _default_generation_config(self, path: Path) -> GenerationConfig:
         cfg = GenerationConfig()
@@ -156,15 +162,25 @@ class LLMPipeline:
                                   prompt_lengths=[len(t) for t in token_ids])
         with self._lock:
             seqs = self.generate_ids(token_ids, config, streamer, progress)
+        return self.results(seqs, config)
+
+    def results(self, seqs: list[Sequence], config: GenerationConfig) -> DecodedResults:
+        """Finished sequences -> DecodedResults (texts, scores and what each request cost)."""
         bpt = self.kv_bytes_per_token
-        self.last_kv_bytes = [int(round(s.peak_decode_cache_len * bpt)) for s in seqs]
+        end = [s.token_times[-1] if s.token_times else s.arrival for s in seqs]
         return DecodedResults(
             texts=[s.text if s.finish_reason is FinishReason.STOP and config.stop_strings and s.text
                    else self.tokenizer.decode(self._visible_ids(s)) for s in seqs],
-            scores=[0.0] * len(seqs),
+            scores=[s.cumulative_logprob for s in seqs],
             token_ids=[s.output_ids for s in seqs],
             finish_reasons=[s.finish_reason.value for s in seqs],
             prompt_lengths=[s.num_prompt_tokens for s in seqs],
+            kv_bytes=[int(round(s.metrics.peak_decode_kv_slots * bpt)) for s in seqs],
+            evictions=[s.metrics.evictions for s in seqs],
+            tokens_evicted=[s.metrics.tokens_evicted for s in seqs],
+            eviction_seconds=[s.metrics.eviction_seconds for s in seqs],
+            ttft_s=[(s.first_token_time or s.arrival) - s.arrival for s in seqs],
+            latency_s=[e - s.arrival for s, e in zip(seqs, end)],
         )
 
     def generate_ids(self, token_ids: Iterable[list[int]], config: GenerationConfig,
@@ -203,5 +219,9 @@ class LLMPipeline:
     @property
     def kv_bytes_per_token(self) -> int:
         """KV bytes one token slot costs, all layers, scales included (our backend)."""
-        r = self.engine.runner
-        return r.bytes_per_block // r.block_size
+        return self.engine.kv_bytes_per_token
+
+    @property
+    def kv_precision(self) -> str:
+        """The KV cache precision the device compiled (our backend)."""
+        return self.engine.kv_precision

@@ -36,8 +36,9 @@ def test_files_and_schema(result):
         assert SUMMARY_KEYS <= set(row)
         assert 0 <= row["score"] <= 100 and 0 <= row["faithfulness"] <= 100 and row["n"] == 2
     full = [r for r in data["summary"] if r["policy"] == "full"]
-    assert all(r["faithfulness"] == 100 and r["kl"] == 0 for r in full)
+    assert all(r["faithfulness"] == 100 for r in full)
     evicting = [r for r in data["summary"] if r["policy"] == "snapkv"]
+    assert all(r["kl"] > 0 and r["nll"] > 0 for r in evicting)  # measured on forced forks that evicted
     assert all(r["kv_bytes_per_seq"] < full[0]["kv_bytes_per_seq"] for r in evicting)
     assert {r["policy"] for r in data["samples"]} == {"full", "snapkv", "kvcrush", "native-snapkv"}
     assert data["meta"]["fanout"]["saving_fraction"] > 0

@@ -47,7 +47,8 @@ def eviction(policy: str | None, budget: int = 48) -> CacheEvictionConfig | None
 
 def engine(**sched) -> LLMEngine:
     """f32 compute and KV: outputs do not depend on how requests are batched or chunked."""
-    return LLMEngine(tiny(), "CPU", SchedulerConfig(**{"cache_size": 0.05, **sched}), F32, enable_eviction=True)
+    return LLMEngine(tiny(), "CPU", SchedulerConfig(**{"cache_size": 0.05, **sched}), F32, enable_eviction=True,
+                     per_layer_lengths=True)  # requests may ask for PyramidKV
 
 
 def random_requests(n: int, lengths: tuple[int, int], new: tuple[int, int], seed: int) -> list[tuple[list[int], int]]:
@@ -79,7 +80,7 @@ def watch_preemptions(e: LLMEngine) -> list[dict]:
                       and s not in scheduled and s not in out.preempted]
         assert seq is max(candidates, key=lambda s: s.arrival)
         assert all(s.arrival < seq.arrival for s in scheduled)
-        log.append({"seq": seq, "evicted": bool(seq.kv_state and seq.kv_state.num_evictions),
+        log.append({"seq": seq, "evicted": seq.metrics.evictions > 0,
                     "generated": seq.num_generated})
         real(seq, out)
 
@@ -141,7 +142,7 @@ def test_small_pool_with_eviction_counts_budgets_and_matches_unconstrained():
     bs = small.blocks.block_size
     for s in got:  # while decoding, a sequence held at most its budget + one block (per layer on average)
         if s.eviction.policy.name != "pyramidkv":
-            assert s.peak_decode_cache_len < s.eviction.budget + bs
+            assert s.metrics.peak_decode_kv_slots < s.eviction.budget + bs
     assert small.blocks.num_used_blocks == 0 and not small.blocks.tables
 
 
@@ -211,7 +212,7 @@ class BlockAccounting(RuleBasedStateMachine):
                 self.e.add_request(ids, GenerationConfig(max_new_tokens=new), eviction=ev)
             assert self.e.blocks.tables == before
             return
-        s = self.e.add_request(ids, GenerationConfig(max_new_tokens=new), eviction=ev)
+        s = self.e.add_request(ids, GenerationConfig(max_new_tokens=new), eviction=ev, query_window=32)
         self.seqs.append(s)
         self.root[s.seq_id] = s.seq_id
 
@@ -245,7 +246,7 @@ class BlockAccounting(RuleBasedStateMachine):
         ev = eviction(policy, budget)
         cfg = GenerationConfig(max_new_tokens=parent.num_generated + new)
         refused = None
-        if ev is not None and parent.kv_state is not None and parent.kv_state.targets is not None \
+        if ev is not None and self.e.evictor.state(parent).targets is not None \
                 and self.e.evictor.plan(ev) != parent.eviction:  # would inherit the parent's eviction targets
             refused = KVCrushError
         elif not self._fits(parent.num_prompt_tokens, cfg.max_new_tokens, ev):
@@ -275,8 +276,8 @@ class BlockAccounting(RuleBasedStateMachine):
         for s in self.seqs:
             if s.is_finished or s.status is Status.WAITING:
                 assert s.seq_id not in b.tables
-            elif s.cache_len:
-                lens = s.layer_lens(b.num_layers)
+            else:
+                lens = b.layer_lens(s.seq_id)
                 assert all(len(t) >= b.blocks_for(int(n)) for t, n in zip(b.tables[s.seq_id], lens))
 
     def teardown(self):
@@ -328,11 +329,12 @@ def test_scoring_fork_of_a_streaming_parent():
     """Regression (state machine): a SnapKV child of a streaming parent that had not evicted yet had no
     queries to score with and crashed on its first eviction."""
     e = engine(num_kv_blocks=8, cache_size=0, max_num_batched_tokens=48)
-    parent = e.add_request(list(range(5, 63)), GenerationConfig(max_new_tokens=5), eviction=eviction("streaming", 64))
+    parent = e.add_request(list(range(5, 63)), GenerationConfig(max_new_tokens=5), eviction=eviction("streaming", 64),
+                           query_window=8)  # its SnapKV fork scores 8 queries
     while parent.num_generated == 0:
         e.step()
     child = e.fork(parent, GenerationConfig(max_new_tokens=5), eviction("snapkv", 40))
-    assert child.kv_state.num_evictions == 1 and child.cache_len == 40
+    assert child.metrics.evictions == 1 and e.blocks.cache_len(child.seq_id) == 40
     while e.has_unfinished:
         e.step()
     assert child.num_generated == 5 and e.blocks.num_used_blocks == 0

@@ -1,22 +1,27 @@
 """Decides WHAT STAYS: when a sequence outgrows its budget, ask the policy for keep-sets and compact.
 
 Flow per step (called by the engine after the model ran):
-  observe(chunks)   keep each sequence's newest W post-RoPE queries per layer (a small ring buffer)
+  observe(chunks)   keep the newest W post-RoPE queries per layer of each sequence that may be scored
+                    (its own plan's window, or the window its forks will need)
   maybe_evict(seq)  when the prompt is done and the cache holds more than the budget (and later, during
                     decoding, each time it has grown a block past it): score the W queries against the
                     cached keys per head, ask the policy, move kept slots to the front, free the tail.
-Policies see only numpy arrays (AttentionStats); this file is the only bridge to the KV tensors.
+A sliding-window layer keeps its newest min(budget, window) slots whatever the policy: it cannot see
+older tokens, so no budget goes there.
+Policies see only numpy arrays (AttentionStats) and own whatever state they carry between evictions;
+this file is the only bridge to the KV tensors and the only writer of eviction state.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from ..errors import ConfigError
-from ..eviction_config import DEFAULT_ACCUMULATION_WINDOW, CacheEvictionConfig
+from ..errors import ConfigError, KVCrushError
+from ..eviction_config import CacheEvictionConfig
 from ..policies import AttentionStats, Policy
 from .attention_scores import window_scores
 from .block_manager import BlockManager
@@ -47,15 +52,11 @@ class EvictionState:
     """Per sequence; dropped when the sequence is preempted (it will be prefilled again)."""
 
     queries: np.ndarray | None = None       # [L, <=W, Hq, hd], newest last
-    accumulated: np.ndarray | None = None   # [L, Hq, slots] for accumulating policies (H2O)
+    policy_state: Any = None                # what the policy carries between evictions (H2O: its sums)
     targets: np.ndarray | None = None       # [L] slots each layer keeps, set by the first eviction
-    num_evictions: int = 0
-    tokens_evicted: int = 0
-    seconds: float = 0.0
 
     def copy(self) -> "EvictionState":
-        return replace(self, queries=None if self.queries is None else self.queries.copy(),
-                       accumulated=None if self.accumulated is None else self.accumulated.copy())
+        return replace(self, queries=None if self.queries is None else self.queries.copy())
 
 
 def _newest(num_kv_heads: int, num_slots: int, n: int) -> np.ndarray:
@@ -70,6 +71,7 @@ def _newest(num_kv_heads: int, num_slots: int, n: int) -> np.ndarray:
 @dataclass
 class EvictionStats:
     evictions: int = 0
+    tokens_evicted: int = 0
     seconds: float = 0.0
 
 
@@ -78,6 +80,7 @@ class Evictor:
         self.runner = runner
         self.blocks = blocks
         self.stats = EvictionStats()
+        self._states: dict[int, EvictionState] = {}
 
     def plan(self, config: CacheEvictionConfig) -> EvictionPlan:
         """Validate a config against this engine (pool, context, cache precision) and resolve it."""
@@ -97,26 +100,39 @@ class Evictor:
             if self.runner.uses_alibi:
                 raise ConfigError(f"policy {plan.policy.name!r} scores attention per head, which does not model this "
                                   f"model's ALiBi position biases; use 'streaming' or the full cache")
+        if plan.policy.per_layer_budgets and not self.runner.per_layer_lengths:
+            raise ConfigError(f"policy {plan.policy.name!r} keeps different lengths per layer; build the engine "
+                              f"with it as the default policy (or per_layer_lengths=True) to use it per request")
         return plan
 
-    @staticmethod
-    def state(seq: Sequence) -> EvictionState:
-        if seq.kv_state is None:
-            seq.kv_state = EvictionState()
-        return seq.kv_state
+    # -- the state it owns ---------------------------------------------------------------------------
+    def state(self, seq: Sequence) -> EvictionState:
+        return self._states.setdefault(seq.seq_id, EvictionState())
+
+    def has_evicted(self, seq: Sequence) -> bool:
+        """Whether the sequence has evicted since it was last (pre)filled (its targets are set)."""
+        st = self._states.get(seq.seq_id)
+        return st is not None and st.targets is not None
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """The child starts from the parent's observed queries and targets."""
+        if parent.seq_id in self._states:
+            self._states[child.seq_id] = self._states[parent.seq_id].copy()
+
+    def drop(self, seq: Sequence) -> None:
+        """Forget a sequence's state (preempted: it will be prefilled again; or finished)."""
+        self._states.pop(seq.seq_id, None)
 
     # -- every step --------------------------------------------------------------------------------
     def observe(self, chunks: list[ScheduledChunk]) -> None:
-        """Keep the newest W queries of each scheduled sequence that may evict."""
+        """Keep the newest W queries of each scheduled sequence that may be scored."""
         if not self.runner.softmax_scales:
             return  # built without query outputs: no sequence can evict with scores
         per_layer = None
         begin = 0
         for c in chunks:
             end = begin + c.num_tokens
-            # Full-cache and score-free (streaming) sequences keep queries too: a fork of them may evict
-            # with a policy that scores (fan-out evaluation).
-            window = (c.seq.eviction.window if c.seq.eviction is not None else 0) or DEFAULT_ACCUMULATION_WINDOW
+            window = c.seq.query_window
             if window:
                 if per_layer is None:
                     per_layer = [self.runner.queries(layer) for layer in range(self.runner.num_layers)]
@@ -130,99 +146,87 @@ class Evictor:
         if plan is None or seq.is_finished or seq.num_computed < seq.num_prompt_tokens:
             return False  # never during prefill: the prompt's own window decides
         st = self.state(seq)
+        lens = self.blocks.layer_lens(seq.seq_id)
         if st.targets is None:
-            over = seq.cache_len > plan.budget
+            over = int(lens.max()) > plan.budget
         else:  # during decoding, a block's worth past its target in any layer
-            over = plan.during_decode and bool(
-                (seq.layer_lens(self.runner.num_layers) >= st.targets + self.runner.block_size).any())
+            over = plan.during_decode and bool((lens >= st.targets + self.runner.block_size).any())
         if not over:
             return False
         # Compaction first gives the sequence private copies of blocks it shares with a fork; when the
         # pool has no room for them, wait (retried every step; the scheduler preempts to free blocks).
-        keep = st.targets if seq.layer_offsets is not None else plan.policy.layer_budgets(
-            self.runner.num_layers, plan.budget, seq.cache_len)
+        uneven = self.blocks.is_uneven(seq.seq_id)
+        keep = st.targets if uneven else plan.policy.layer_budgets(self.runner.num_layers, plan.budget, int(lens.max()))
         if not self.blocks.can_make_private(seq.seq_id, int(np.max(keep))):
             return False
         t0 = time.perf_counter()
         # Many small matmuls: multi-threaded OpenBLAS contends with OpenVINO's threads (measured 70 ms
         # vs 2.5 ms single-threaded for one layer's scores at 4k tokens).
         with _BLAS.limit(limits=1, user_api="blas"):
-            self._evict(seq, plan, st)
+            evicted = self._evict(seq, plan, st, lens, uneven)
         dt = time.perf_counter() - t0
-        st.seconds += dt
-        self.stats.seconds += dt
+        seq.metrics.evictions += 1
+        seq.metrics.tokens_evicted += evicted
+        seq.metrics.eviction_seconds += dt
         self.stats.evictions += 1
+        self.stats.tokens_evicted += evicted
+        self.stats.seconds += dt
         return True
 
     # -- one eviction ------------------------------------------------------------------------------
-    def _scores(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray) -> np.ndarray:
-        """[L, Hq, T] per-head window scores; a layer holding fewer slots (sliding) is zero-padded."""
-        L, T = self.runner.num_layers, seq.cache_len
-        hq = self.runner.num_q_heads
-        scores = np.zeros((L, hq, T), np.float32)
+    def _layer_scores(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, layer: int,
+                      num_slots: int) -> np.ndarray:
+        """[Hq, num_slots]: the attention the newest W queries gave each slot, per query head."""
         if not plan.window:
-            return scores
-        tables = self.blocks.tables[seq.seq_id]
-        for layer in range(L):
-            n = int(lens[layer])
-            scores[layer, :, :n] = window_scores(
-                st.queries[layer, -plan.window:], self.runner.kv.read_keys(layer, tables[layer], n),
-                self.runner.softmax_scales[layer], self.runner.sliding_windows[layer])
-        if plan.policy.score_source != "accumulated":
-            return scores
-        if st.accumulated is None:
-            st.accumulated = np.zeros((L, hq, T), np.float32)
-        elif st.accumulated.shape[2] < T:  # slots added since the last eviction start from zero
-            st.accumulated = np.pad(st.accumulated, ((0, 0), (0, 0), (0, T - st.accumulated.shape[2])))
-        st.accumulated[:, :, :T] += scores
-        return st.accumulated[:, :, :T]
+            return np.zeros((self.runner.num_q_heads, num_slots), np.float32)
+        keys = self.runner.kv.read_keys(layer, self.blocks.tables[seq.seq_id][layer], num_slots)
+        return window_scores(st.queries[layer, -plan.window:], keys, self.runner.softmax_scales[layer],
+                             self.runner.sliding_windows[layer])
 
-    def _layer_mask(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, layer: int,
-                    num_slots: int, target: int) -> np.ndarray:
-        """One layer on its own (layers hold different lengths after PyramidKV): [Hkv, num_slots]."""
-        if plan.policy.score_source == "accumulated":
-            raise ConfigError(f"policy {plan.policy.name!r} accumulates scores and cannot follow per-layer budgets")
-        hq = self.runner.num_q_heads
-        scores = np.zeros((hq, num_slots), np.float32)
-        if plan.window:
-            keys = self.runner.kv.read_keys(layer, self.blocks.tables[seq.seq_id][layer], num_slots)
-            scores = window_scores(st.queries[layer, -plan.window:], keys, self.runner.softmax_scales[layer],
-                                   self.runner.sliding_windows[layer])
-        return plan.policy.keep_mask(AttentionStats(scores[None], self.runner.num_kv_heads), int(target))[0]
-
-    def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState) -> None:
+    def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray,
+               uneven: bool) -> int:
+        """Compact the sequence to the policy's keep-sets; return the tokens evicted per layer (mean)."""
         L, hkv = self.runner.num_layers, self.runner.num_kv_heads
-        lens = seq.layer_lens(L)
+        policy = plan.policy
         windows = np.asarray(self.runner.sliding_windows, dtype=np.int64)
-        sliding = windows > 0
-        if seq.layer_offsets is None or not seq.layer_offsets[~sliding].any():
-            # global layers alike: one policy call over every layer (sliding layers are redone below)
-            masks = list(plan.policy.keep_mask(AttentionStats(self._scores(seq, plan, st, lens), hkv), plan.budget))
-        else:
-            masks = [None if sliding[layer] else self._layer_mask(seq, plan, st, layer, lens[layer], st.targets[layer])
-                     for layer in range(L)]
-        for layer in np.flatnonzero(sliding):
-            target = int(masks[layer][0].sum()) if masks[layer] is not None else int(st.targets[layer])
-            masks[layer] = _newest(hkv, int(lens[layer]), min(target, int(windows[layer])))
-        kept = np.array([int(m[0].sum()) for m in masks])
+        glob = np.flatnonzero(windows == 0)  # the layers the policy decides for
+        masks: list = [None] * L
+        # A sliding layer keeps the newest slots it can see, up to its budget (not scored: it has no
+        # choice to make); once evicted it is shorter than the global layers, so "alike" asks only those.
+        budgets = policy.layer_budgets(L, plan.budget, int(lens.max()))
+        for layer in np.flatnonzero(windows > 0):
+            masks[layer] = _newest(hkv, int(lens[layer]), int(min(budgets[layer], windows[layer], lens[layer])))
+        uneven = bool(glob.size) and bool(np.ptp(lens[glob]))  # recomputed: sliding layers do not count
+        if glob.size and not uneven:  # all global layers alike: one policy call over them
+            T = int(lens[glob[0]])
+            scores = np.stack([self._layer_scores(seq, plan, st, layer, T) for layer in glob])
+            st.policy_state, ranked = policy.update(st.policy_state, scores)
+            for layer, mask in zip(glob, policy.keep_mask(AttentionStats(ranked, hkv), plan.budget)):
+                masks[layer] = mask
+        elif uneven:  # global layers hold different lengths (after PyramidKV): each on its own, to its target
+            if policy.stateful:
+                raise ConfigError(f"policy {policy.name!r} carries state per slot and cannot follow "
+                                  f"per-layer budgets")
+            for layer in glob:
+                masks[layer] = policy.keep_mask(AttentionStats(
+                    self._layer_scores(seq, plan, st, layer, int(lens[layer]))[None], hkv), int(st.targets[layer]))[0]
+        counts = [m.sum(axis=-1) for m in masks]  # [Hkv] per layer
+        for layer, c in enumerate(counts):
+            if (c != c[0]).any():  # compaction moves every KV head to the same length
+                raise KVCrushError(f"policy {policy.name!r} kept {c.tolist()} slots in the KV heads of layer "
+                                   f"{layer}; a policy must keep the same count in every KV head")
+        kept = np.array([int(c[0]) for c in counts])
         # A forked sequence shares blocks with its parent: compaction writes only into private ones.
         self.runner.kv.copy_blocks(self.blocks.make_private(seq.seq_id, int(kept.max())))
         tables = self.blocks.tables[seq.seq_id]
-        T = seq.cache_len
+        keeps = []
         for layer in range(L):
-            n = kept[layer]
-            keep = np.nonzero(masks[layer])[1].reshape(hkv, n)  # sorted per head: time order kept
+            keep = np.nonzero(masks[layer])[1].reshape(hkv, kept[layer])  # sorted per head: time order kept
             self.runner.kv.compact(layer, tables[layer], keep)
-            if st.accumulated is not None:
-                g = st.accumulated.shape[1] // hkv
-                acc = st.accumulated[layer, :, :T].reshape(hkv, g, T)
-                st.accumulated[layer, :, :n] = np.take_along_axis(acc, keep[:, None, :], axis=2).reshape(-1, n)
-        if st.accumulated is not None:
-            st.accumulated = st.accumulated[:, :, :kept.max()].copy()
+            keeps.append(keep)
+        if glob.size and not uneven and (kept[glob] == kept[glob[0]]).all():  # its state covers the global layers
+            st.policy_state = policy.compact(st.policy_state, np.stack([keeps[layer] for layer in glob]))
         self.blocks.trim(seq.seq_id, kept)
-        st.tokens_evicted += int((lens - kept).sum()) // L
-        st.num_evictions += 1
         if st.targets is None:
             st.targets = kept
-        seq.cache_len = int(kept.max())
-        seq.layer_offsets = None if (kept == kept[0]).all() else seq.cache_len - kept
+        return int((lens - kept).sum()) // L

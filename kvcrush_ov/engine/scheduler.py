@@ -5,7 +5,8 @@ engines feed the model the same batches: every decoding sequence gets its token 
 order), then prompts (in arrival order) are cut into chunks that fill the remaining
 `max_num_batched_tokens`. When a decoding sequence needs a block and none is free, the most recently
 arrived running sequence is preempted by recompute: its blocks are freed and it is prefilled again
-later (its generated tokens are kept, so greedy output is unchanged).
+later (its generated tokens are kept, so greedy output is unchanged). The scheduler alone moves a
+sequence's progress (status, num_computed); the block manager holds where its KV lives.
 """
 from __future__ import annotations
 
@@ -69,16 +70,17 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING or seq.num_uncomputed != 1 or seq in out.preempted:
                 continue
-            while not self.blocks.can_hold(seq.seq_id, seq.cache_len + 1):
+            grown = self.blocks.cache_len(seq.seq_id) + 1
+            while not self.blocks.can_hold(seq.seq_id, grown):
                 victim = self._preemption_victim(exclude=out)
                 if victim is None:
                     break
                 self._preempt(victim, out)
                 if victim is seq:
                     break
-            if seq.status is not Status.RUNNING or not self.blocks.can_hold(seq.seq_id, seq.cache_len + 1):
+            if seq.status is not Status.RUNNING or not self.blocks.can_hold(seq.seq_id, grown):
                 continue
-            out.block_copies += self.blocks.allocate(seq.seq_id, seq.layer_lens(self.blocks.num_layers) + 1)
+            out.block_copies += self.blocks.allocate(seq.seq_id, self.blocks.layer_lens(seq.seq_id) + 1)
             out.chunks.append(ScheduledChunk(seq, 1))
             budget -= 1
         # 2. prompt chunks (also recomputation after preemption), greedily in arrival order.
@@ -99,10 +101,16 @@ class Scheduler:
             if seq.status is Status.WAITING:
                 seq.status = Status.RUNNING
                 holding += 1
-            out.block_copies += self.blocks.allocate(seq.seq_id, seq.layer_lens(self.blocks.num_layers) + n)
+            out.block_copies += self.blocks.allocate(seq.seq_id, self.blocks.layer_lens(seq.seq_id) + n)
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
         return out
+
+    def postprocess(self, out: SchedulerOutput) -> None:
+        """The model ran the scheduled chunks: their tokens are now in the cache."""
+        for c in out.chunks:
+            c.seq.num_computed += c.num_tokens
+            self.blocks.commit(c.seq.seq_id, c.num_tokens)
 
     def _slack(self, seq: Sequence) -> int:
         """Free slots left in the sequence's last allocated block."""
@@ -110,7 +118,7 @@ class Scheduler:
         if not tables:
             return 0
         held = np.array([len(t) for t in tables]) * self.blocks.block_size
-        return int((held - seq.layer_lens(len(tables))).min())
+        return int((held - self.blocks.layer_lens(seq.seq_id)).min())
 
     def _preemption_victim(self, exclude: SchedulerOutput) -> Sequence | None:
         scheduled = {id(c.seq) for c in exclude.chunks}
@@ -123,8 +131,5 @@ class Scheduler:
         self.blocks.free(seq.seq_id)
         seq.status = Status.WAITING
         seq.num_computed = 0
-        seq.cache_len = 0
-        seq.layer_offsets = None
-        seq.kv_state = None
         seq.num_preemptions += 1
         out.preempted.append(seq)

@@ -22,30 +22,14 @@ from tqdm import tqdm
 from ..config import GenerationConfig, SchedulerConfig
 from ..errors import ConfigError
 from ..eviction_config import CacheEvictionConfig
-from ..policies import POLICIES, make_policy
-from .metrics import exact_match_rate, kl_divergence, mean_and_ci, nll, rouge_l, score, target_logprobs
+from ..options import parse_policy_spec as parse_policy
+from ..policies import POLICIES, defaults, make_policy
+from .metrics import exact_match_rate, mean_and_ci, rouge_l, score
+from .teacher import FullCacheReference
 from .suite import Sample
 
 NATIVE = {"native-snapkv": "snapkv", "native-kvcrush": "kvcrush-block"}
 ALL_POLICIES = tuple(POLICIES) + tuple(NATIVE)
-
-
-def parse_policy(spec: str) -> tuple[str, dict]:
-    """"kvcrush" or a variant "kvcrush:representative_fraction=0.1;anchors=alternate" -> (name, options)."""
-    name, _, rest = spec.partition(":")
-    options = {}
-    for item in filter(None, rest.split(";")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"policy variant {spec!r}: options are KEY=VALUE separated by ';'")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                pass
-        options[key] = value
-    return name, options
 
 
 @dataclass
@@ -97,22 +81,27 @@ class Runner:
 
         self.model_dir, self.config, self.out_dir = Path(model_dir), config, Path(out_dir)
         self.tokenizer = Tokenizer(self.model_dir)
-        self.engine = LLMEngine(self.model_dir, config.device,
-                                SchedulerConfig(cache_size=config.cache_size, kv_cache_precision=config.kv_precision),
-                                config.properties, decode=self.tokenizer.decode, enable_eviction=True,
-                                eos_token_ids=frozenset({self.tokenizer.eos_token_id}))
-        self.bytes_per_token = self.engine.runner.bytes_per_block // self.engine.runner.block_size
-        self.cache_dir = self.out_dir / "samples" / config.key(self.model_dir)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.timing = {"prefill_s": 0.0, "fanout_decode_s": 0.0, "runs": 0}
-        self.precision = self.engine.runner.layout.precision
         # What a cached row was computed with: a policy whose resolved settings (e.g. tuned defaults)
         # changed is recomputed, the others are reused.
-        self.signatures = {}
+        self.signatures, per_layer = {}, False
         for spec in config.policies:
             name, variant = parse_policy(spec)
             options = {**(config.policy_options or {}).get(name, {}), **variant}
-            self.signatures[spec] = "native" if name in NATIVE else "full" if name == "full" else repr(make_policy(name, **options))
+            if name in NATIVE or name == "full":
+                self.signatures[spec] = "native" if name in NATIVE else "full"
+                continue
+            policy = make_policy(name, **options)
+            self.signatures[spec] = repr(policy)
+            per_layer |= policy.per_layer_budgets
+        self.engine = LLMEngine(self.model_dir, config.device,
+                                SchedulerConfig(cache_size=config.cache_size, kv_cache_precision=config.kv_precision),
+                                config.properties, decode=self.tokenizer.decode, enable_eviction=True,
+                                eos_token_ids=frozenset({self.tokenizer.eos_token_id}), per_layer_lengths=per_layer)
+        self.bytes_per_token = self.engine.kv_bytes_per_token
+        self.cache_dir = self.out_dir / "samples" / config.key(self.model_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.timing = {"prefill_s": 0.0, "fanout_decode_s": 0.0, "runs": 0}
+        self.precision = self.engine.kv_precision
 
     def _tokens(self, budget: float, prompt_len: int, minimum: int) -> int:
         if self.config.budget_bytes:
@@ -124,12 +113,7 @@ class Runner:
         engine, cfg = self.engine, GenerationConfig(max_new_tokens=sample.max_new_tokens,
                                                     eos_token_id=self.tokenizer.eos_token_id)
         t0 = time.perf_counter()
-        parent = engine.add_request(ids, cfg, eviction=None)
-        parent.logprobs = []
-        while parent.num_generated == 0 and not parent.is_finished:
-            engine.step()
-        t_prefill = time.perf_counter() - t0
-        runs = {}
+        plans = {}  # (policy spec, budget) -> (tokens, CacheEvictionConfig)
         for policy in self.config.policies:
             name, variant = parse_policy(policy)
             if name in NATIVE or name == "full":
@@ -137,14 +121,23 @@ class Runner:
             options = {**(self.config.policy_options or {}).get(name, {}), **variant}
             for budget in self.config.budgets:
                 tokens = self._tokens(budget, len(ids), make_policy(name, **options).protected_tokens)
-                ev = CacheEvictionConfig(name, budget=tokens, options=options)
-                if parent.is_finished:  # one-token answer: nothing to fork, every policy saw the full prompt
-                    runs[(policy, budget)] = (tokens, parent, None, t0)
-                    continue
-                t_fork = time.perf_counter()
-                free = engine.fork(parent, cfg, ev)
-                forced = engine.fork(parent, cfg, ev, teacher=parent, record_logprobs=True)
-                runs[(policy, budget)] = (tokens, free, forced, t_fork)
+                plans[(policy, budget)] = (tokens, CacheEvictionConfig(name, budget=tokens, options=options))
+        reference = FullCacheReference()
+        parent = engine.add_request(ids, cfg, eviction=None, logits_observer=reference.observe,
+                                    query_window=max([ev.window for _, ev in plans.values()], default=0))
+        while parent.num_generated == 0 and not parent.is_finished:
+            engine.step()
+        t_prefill = time.perf_counter() - t0
+        runs = {}
+        for key, (tokens, ev) in plans.items():
+            if parent.is_finished:  # one-token answer: nothing to fork, every policy saw the full prompt
+                runs[key] = (tokens, parent, None, t0)
+                continue
+            t_fork = time.perf_counter()
+            free = engine.fork(parent, cfg, ev)
+            forced_run = reference.forced_run()
+            engine.fork(parent, cfg, ev, token_source=forced_run.next_token, logits_observer=forced_run.observe)
+            runs[key] = (tokens, free, forced_run, t_fork)
         t1 = time.perf_counter()
         while engine.has_unfinished:
             engine.step()
@@ -153,15 +146,18 @@ class Runner:
         self.timing["fanout_decode_s"] += t_end - t1
         self.timing["runs"] += 1 + 2 * len(runs)
         full_text = self._text(parent)
+        full_nll = reference.nll(parent.output_ids)
         rows = []
         if "full" in self.config.policies:
             for budget in self.config.budgets:
                 rows.append(self._row(sample, ids, "full", budget, len(ids), full_text, full_text,
-                                      parent.peak_decode_cache_len, t_end - t0, self._nll_kl(parent, None)))
-        for (policy, budget), (tokens, free, forced, t_fork) in runs.items():
+                                      parent.metrics.peak_decode_kv_slots, t_end - t0,
+                                      (full_nll, None if full_nll is None else 0.0)))
+        for (policy, budget), (tokens, free, forced_run, t_fork) in runs.items():
             end = max(free.token_times[-1] if free.token_times else t_fork, t_fork)
+            nll_kl = (full_nll, 0.0) if forced_run is None else (forced_run.nll, forced_run.kl)
             rows.append(self._row(sample, ids, policy, budget, tokens, self._text(free), full_text,
-                                  free.peak_decode_cache_len, t_prefill + end - t_fork, self._nll_kl(parent, forced)))
+                                  free.metrics.peak_decode_kv_slots, t_prefill + end - t_fork, nll_kl))
         return rows
 
     def _text(self, seq) -> str:
@@ -169,21 +165,6 @@ class Runner:
         if out and out[-1] in seq.eos_token_ids:
             out = out[:-1]
         return self.tokenizer.decode(out)
-
-    @staticmethod
-    def _nll_kl(parent, forced) -> tuple[float | None, float | None]:
-        """Teacher-forced on the full-cache continuation: forced.logprobs[j] predicts token j+1."""
-        targets = parent.output_ids[1:]
-        if not targets:
-            return None, None
-        full_lp = np.stack(parent.logprobs[1:1 + len(targets)])
-        if forced is None:
-            return nll(target_logprobs(full_lp, targets)), 0.0
-        n = min(len(forced.logprobs), len(targets))
-        if n == 0:
-            return None, None
-        lp = np.stack(forced.logprobs[:n])
-        return nll(target_logprobs(lp, targets[:n])), float(kl_divergence(full_lp[:n], lp))
 
     def _row(self, sample: Sample, ids, policy, budget, tokens, text, full_text, kv_slots, latency, nll_kl) -> dict:
         return {"id": sample.id, "task": sample.task, "length": sample.length, "prompt_tokens": len(ids),
@@ -208,12 +189,13 @@ class Runner:
                 continue
             for budget in self.config.budgets:
                 ours = CacheEvictionConfig(NATIVE[name], budget=self._tokens(budget, len(ids), 128),
-                                           options={"window": 8, "sink_tokens": 32, "recent_tokens": 64, **variant})
+                                           options={"window": defaults.SNAPKV_WINDOW, "sink_tokens": defaults.SINK_TOKENS,
+                                                    "recent_tokens": defaults.RECENT_TOKENS, **variant})
                 sc = ov_genai.SchedulerConfig()
                 sc.cache_size = max(1, int(round(self.config.cache_size)))
                 if len(ids) > ours.budget:
                     sc.use_cache_eviction = True
-                    sc.cache_eviction_config = to_native_eviction(ours, self.engine.runner.block_size)
+                    sc.cache_eviction_config = to_native_eviction(ours, self.engine.block_size)
                 props = {**(self.config.properties or {}), "KV_CACHE_PRECISION": self.precision}  # equal bytes/token
                 t0 = time.perf_counter()
                 cb = ov_genai.ContinuousBatchingPipeline(str(self.model_dir), sc, self.config.device, props)
