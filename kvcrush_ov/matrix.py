@@ -45,7 +45,7 @@ def small_options(policy: str) -> dict:
 
 def native_outputs(model_dir: Path, prompts: list[list[int]], max_new_tokens: int,
                    properties: dict | None = None) -> list[list[int]]:
-    """Greedy outputs of openvino-genai's continuous batching (full cache), prompts batched."""
+    """Greedy outputs of openvino-genai's continuous batching (full cache, EOS ignored), prompts batched."""
     import openvino_genai as ov_genai
 
     sc = ov_genai.SchedulerConfig()
@@ -54,6 +54,7 @@ def native_outputs(model_dir: Path, prompts: list[list[int]], max_new_tokens: in
     gc = ov_genai.GenerationConfig()
     gc.max_new_tokens = max_new_tokens
     gc.apply_chat_template = False
+    gc.ignore_eos = True  # as ours: every run is max_new_tokens long (random prompts may hit EOS)
     res = cb.generate([ov.Tensor(np.array([p], dtype=np.int64)) for p in prompts], [gc] * len(prompts))
     return [list(r.m_generation_ids[0]) for r in res]
 
