@@ -38,7 +38,8 @@ def features(config: dict, windows: list[int]) -> str:
     if kind == "phi3":
         out.append("fused qkv")
     if any(windows):
-        out.append("windows " + "/".join(str(w) if w else "global" for w in windows))
+        sizes = sorted({w for w in windows if w})
+        out.append(f"window {'/'.join(map(str, sizes))} on {sum(1 for w in windows if w)} of {len(windows)} layers")
     if config.get("attn_logit_softcapping"):
         out.append(f"attention soft-cap {config['attn_logit_softcapping']:g}")
     if config.get("final_logit_softcapping"):
