@@ -55,21 +55,23 @@ class BlockManager:
         lens = self._lens.get(seq_id)
         return lens is not None and bool((lens != lens[0]).any())
 
-    def num_new_blocks(self, seq_id: int, num_slots: int) -> int:
-        """Blocks still to allocate (per layer, the max) so that the sequence holds num_slots slots,
-        counting the private copy allocate() makes of a last block shared with a fork."""
-        tables = self.tables.get(seq_id)
-        if not tables:
-            return self.blocks_for(num_slots)
-        return max(max(0, self.blocks_for(num_slots) - len(t)) + self._copies_last(layer, t, num_slots)
-                   for layer, t in enumerate(tables))
+    def num_new_blocks(self, seq_id: int, num_slots: int | np.ndarray) -> np.ndarray:
+        """int [L]: blocks each layer must still allocate so that the sequence holds num_slots slots
+        there (int, or per layer), counting the private copy allocate() makes of a last block shared
+        with a fork."""
+        slots = np.broadcast_to(np.asarray(num_slots, dtype=np.int64), (self.num_layers,))
+        tables = self.tables.get(seq_id) or [[] for _ in range(self.num_layers)]
+        return np.array([max(0, self.blocks_for(int(n)) - len(t)) + self._copies_last(layer, t, int(n))
+                         for layer, (t, n) in enumerate(zip(tables, slots))])
 
     def _copies_last(self, layer: int, table: list[int], num_slots: int) -> int:
         """1 if allocate() must copy the table's last block first (shared copy-on-write), else 0."""
         return int(bool(table) and num_slots > 0 and self._ref[layer, table[-1]] > 1)
 
-    def can_hold(self, seq_id: int, num_slots: int) -> bool:
-        return self.num_new_blocks(seq_id, num_slots) <= self.num_free_blocks
+    def can_hold(self, seq_id: int, num_slots: int | np.ndarray) -> bool:
+        """Whether every layer has the free blocks to hold num_slots slots (int, or per layer)."""
+        free = np.array([len(f) for f in self._free])
+        return bool((self.num_new_blocks(seq_id, num_slots) <= free).all())
 
     # -- mutations ------------------------------------------------------------------------------
     def allocate(self, seq_id: int, num_slots: int | np.ndarray) -> list[tuple[int, int, int]]:

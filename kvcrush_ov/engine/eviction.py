@@ -41,10 +41,13 @@ class EvictionPlan:
     budget: int
     window: int               # newest queries scored per head at each eviction (0: no scores needed)
     during_decode: bool
+    during_prefill: bool      # compact between prompt chunks (memory-bounded prefill)
+    prefill_chunk: int = 0    # prompt tokens added between two such compactions (resolved by Evictor.plan)
 
     @classmethod
     def from_config(cls, config: CacheEvictionConfig) -> "EvictionPlan":
-        return cls(config.make_policy(), config.budget, config.window, config.evict_during_decode)
+        return cls(config.make_policy(), config.budget, config.window, config.evict_during_decode,
+                   config.prefill == "chunked")
 
 
 @dataclass
@@ -54,6 +57,7 @@ class EvictionState:
     queries: np.ndarray | None = None       # [L, <=W, Hq, hd], newest last
     policy_state: Any = None                # what the policy carries between evictions (H2O: its sums)
     targets: np.ndarray | None = None       # [L] slots each layer keeps, set by the first eviction
+    scored_prompt_end: bool = False         # an eviction has used the window at the prompt's end
 
     def copy(self) -> "EvictionState":
         return replace(self, queries=None if self.queries is None else self.queries.copy())
@@ -85,10 +89,21 @@ class Evictor:
     def plan(self, config: CacheEvictionConfig) -> EvictionPlan:
         """Validate a config against this engine (pool, context, cache precision) and resolve it."""
         plan = EvictionPlan.from_config(config)
-        bs = self.runner.block_size
-        if plan.budget + bs > self.blocks.num_blocks * bs:
+        bs, pool = self.runner.block_size, self.blocks.num_blocks * self.runner.block_size
+        if plan.budget + bs > pool:
             raise ConfigError(f"eviction budget {plan.budget} (+ one block of growth) does not fit the KV pool of "
-                              f"{self.blocks.num_blocks} blocks; lower the budget or raise cache_size")
+                              f"{self.blocks.num_blocks} blocks ({pool} tokens); lower the budget or raise cache_size")
+        # Memory-bounded prefill adds this many prompt tokens between compactions (the budget unless set;
+        # fewer, larger compactions cost less and decide on more context): budget + chunk + one block
+        # must fit the pool, so the chunk shrinks to fit.
+        chunk = config.prefill_chunk or plan.budget
+        if plan.policy.name == "full":  # it keeps every token: a prompt cannot be bounded while it fills
+            plan = replace(plan, during_prefill=False)
+        plan = replace(plan, prefill_chunk=max(0, min(chunk, pool - plan.budget - bs)))
+        if plan.during_prefill and plan.prefill_chunk < bs:
+            raise ConfigError(f"eviction budget {plan.budget} leaves no room for a prompt chunk in a KV pool of "
+                              f"{pool} tokens: budget + one chunk + one block ({bs}) must fit; use a budget of at "
+                              f"most {pool - 2 * bs} or a larger pool")
         if self.runner.max_position and plan.budget > self.runner.max_position:
             raise ConfigError(f"eviction budget {plan.budget} exceeds the model's context ({self.runner.max_position} "
                               f"tokens); use a budget below it")
@@ -142,14 +157,23 @@ class Evictor:
             begin = end
 
     def maybe_evict(self, seq: Sequence) -> bool:
+        """Evict if the sequence has outgrown its budget: during a chunked prefill each time it holds
+        budget + prefill_chunk slots, at the prompt's end (always, so the final keep-set is scored by the
+        prompt's own last queries, where the question usually is), then each time decoding has grown a
+        layer a block past its target."""
         plan = seq.eviction
-        if plan is None or seq.is_finished or seq.num_computed < seq.num_prompt_tokens:
-            return False  # never during prefill: the prompt's own window decides
+        prompt_done = seq.num_computed >= seq.num_prompt_tokens
+        if plan is None or seq.is_finished or not (prompt_done or plan.during_prefill):
+            return False
         st = self.state(seq)
         lens = self.blocks.layer_lens(seq.seq_id)
-        if st.targets is None:
+        if not prompt_done:  # every prefill_chunk tokens past the budget: at fixed prompt positions, so the
+            over = int(lens.max()) >= plan.budget + plan.prefill_chunk  # result does not depend on batching
+        elif st.targets is None:
             over = int(lens.max()) > plan.budget
-        else:  # during decoding, a block's worth past its target in any layer
+        elif not st.scored_prompt_end:
+            over = bool((lens > st.targets).any())
+        else:  # a block's worth past its target in any layer
             over = plan.during_decode and bool((lens >= st.targets + self.runner.block_size).any())
         if not over:
             return False
@@ -174,6 +198,27 @@ class Evictor:
         return True
 
     # -- one eviction ------------------------------------------------------------------------------
+    def _scores(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, num_slots: int,
+                layers: np.ndarray) -> np.ndarray:
+        """[len(layers), Hq, num_slots] for layers that all hold num_slots slots, scored a group of layers
+        per numpy call (a few calls per eviction instead of one per layer; the group bounds the temporaries)."""
+        L = len(layers)
+        if not plan.window:
+            return np.zeros((L, self.runner.num_q_heads, num_slots), np.float32)
+        tables = self.blocks.tables[seq.seq_id]
+        scales = np.asarray(self.runner.softmax_scales, dtype=np.float32)[layers]
+        windows = np.asarray(self.runner.sliding_windows, dtype=np.int64)[layers]
+        group = max(1, (1 << 15) // max(num_slots, 1))
+        out = np.empty((L, self.runner.num_q_heads, num_slots), np.float32)
+        keys = np.empty((min(group, L), self.runner.num_kv_heads, num_slots, self.runner.head_size), np.float32)
+        for lo in range(0, L, group):
+            hi = min(L, lo + group)
+            for i, layer in enumerate(layers[lo:hi]):
+                keys[i] = self.runner.kv.read_keys(layer, tables[layer], num_slots)
+            out[lo:hi] = window_scores(st.queries[layers[lo:hi], -plan.window:], keys[:hi - lo], scales[lo:hi],
+                                       windows[lo:hi])
+        return out
+
     def _layer_scores(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, layer: int,
                       num_slots: int) -> np.ndarray:
         """[Hq, num_slots]: the attention the newest W queries gave each slot, per query head."""
@@ -198,8 +243,7 @@ class Evictor:
             masks[layer] = _newest(hkv, int(lens[layer]), int(min(budgets[layer], windows[layer], lens[layer])))
         uneven = bool(glob.size) and bool(np.ptp(lens[glob]))  # recomputed: sliding layers do not count
         if glob.size and not uneven:  # all global layers alike: one policy call over them
-            T = int(lens[glob[0]])
-            scores = np.stack([self._layer_scores(seq, plan, st, layer, T) for layer in glob])
+            scores = self._scores(seq, plan, st, int(lens[glob[0]]), glob)
             st.policy_state, ranked = policy.update(st.policy_state, scores)
             for layer, mask in zip(glob, policy.keep_mask(AttentionStats(ranked, hkv), plan.budget)):
                 masks[layer] = mask
@@ -229,4 +273,5 @@ class Evictor:
         self.blocks.trim(seq.seq_id, kept)
         if st.targets is None:
             st.targets = kept
+        st.scored_prompt_end |= seq.num_computed >= seq.num_prompt_tokens
         return int((lens - kept).sum()) // L

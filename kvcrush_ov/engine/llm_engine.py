@@ -80,8 +80,8 @@ class LLMEngine:
         self.evictor = Evictor(self.runner, self.blocks)
         # openvino_genai's configs count in blocks: translate again with this device's block size
         eviction = CacheEvictionConfig.from_any(self.config.cache_eviction_config, self.runner.block_size)
-        self.default_eviction = self.evictor.plan(eviction) if eviction is not None else None
         self.scheduler = Scheduler(self.blocks, self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        self.default_eviction = self._plan(eviction)
         self.decode = decode
         self.eos_token_ids = eos_token_ids
         self._ids = itertools.count()
@@ -140,14 +140,20 @@ class LLMEngine:
 
     def _check_fits(self, num_prompt: int, config: GenerationConfig, plan: EvictionPlan | None) -> None:
         """A request must fit the pool alone (else preemption could never make room for it)."""
-        most = num_prompt + config.max_new_tokens
-        if plan is not None:  # the whole prompt is in cache once, then at most budget + a block
-            most = min(most, max(num_prompt + 1, plan.budget + self.blocks.block_size))
+        most = self.scheduler.footprint(num_prompt, config.max_new_tokens, plan)
         need = self.blocks.blocks_for(most)
         if need > self.blocks.num_blocks:
+            bs = self.blocks.block_size
+            hint = "raise cache_size/num_kv_blocks"
+            fits = (self.blocks.num_blocks * bs - bs - min(self.config.max_num_batched_tokens, 4 * bs)) // bs * bs
+            if plan is None and fits >= 128:
+                hint += (f", or enable eviction with a budget of at most ~{fits} tokens (e.g. "
+                         f"CacheEvictionConfig('kvcrush', budget={fits}), `--policy kvcrush --budget {fits}`)")
+            elif plan is not None and not plan.during_prefill:
+                hint += " or evict during prefill (CacheEvictionConfig(prefill='chunked'))"
             raise CacheCapacityError(
                 f"one request needs {need} KV blocks ({num_prompt} prompt + {config.max_new_tokens} new tokens) but "
-                f"the pool has {self.blocks.num_blocks}; raise cache_size/num_kv_blocks or enable eviction")
+                f"the pool has {self.blocks.num_blocks}; {hint}")
 
     def _plan(self, eviction: Any) -> EvictionPlan | None:
         if isinstance(eviction, str) and eviction == "default":

@@ -70,7 +70,7 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING or seq.num_uncomputed != 1 or seq in out.preempted:
                 continue
-            grown = self.blocks.cache_len(seq.seq_id) + 1
+            grown = self.blocks.layer_lens(seq.seq_id) + 1
             while not self.blocks.can_hold(seq.seq_id, grown):
                 victim = self._preemption_victim(exclude=out)
                 if victim is None:
@@ -80,7 +80,7 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING or not self.blocks.can_hold(seq.seq_id, grown):
                 continue
-            out.block_copies += self.blocks.allocate(seq.seq_id, self.blocks.layer_lens(seq.seq_id) + 1)
+            out.block_copies += self.blocks.allocate(seq.seq_id, grown)
             out.chunks.append(ScheduledChunk(seq, 1))
             budget -= 1
         # 2. prompt chunks (also recomputation after preemption), greedily in arrival order.
@@ -94,8 +94,14 @@ class Scheduler:
                 continue
             if seq.status is Status.WAITING and holding >= self.max_num_seqs:
                 break
-            free_slots = self.blocks.num_free_blocks * self.blocks.block_size + self._slack(seq)
-            n = min(budget, seq.num_uncomputed, free_slots)
+            n = self._chunk_size(seq, budget)
+            plan = seq.eviction
+            if seq.status is Status.WAITING and plan is not None and plan.during_prefill:
+                free_slots = self.blocks.num_free_blocks * self.blocks.block_size
+                if free_slots < self.footprint(len(seq), seq.config.max_new_tokens - seq.num_generated, plan):
+                    break  # admitted once its compressed footprint fits, in arrival order
+            if n <= 0 and seq.status is Status.RUNNING and not out.chunks:
+                n = self._make_room(seq, out, budget)  # a prompt stuck mid-prefill: nothing else would run
             if n <= 0:
                 break  # keep arrival order: a later prompt does not overtake one that does not fit
             if seq.status is Status.WAITING:
@@ -105,6 +111,37 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
         return out
+
+    def footprint(self, num_tokens: int, num_new: int, plan) -> int:
+        """Most KV slots a request (num_tokens to prefill, then num_new to generate) holds in a layer."""
+        most = num_tokens + num_new
+        if plan is None:
+            return most
+        bs = self.blocks.block_size
+        if plan.during_prefill:
+            return min(most, plan.budget + plan.prefill_chunk + bs)
+        return min(most, max(num_tokens + 1, plan.budget + bs))  # the whole prompt once, then the budget
+
+    def _chunk_size(self, seq: Sequence, budget: int) -> int:
+        """Tokens of `seq` this step can take: the step's budget, free slots, and for memory-bounded
+        prefill what keeps the sequence within its budget + one chunk."""
+        free_slots = self.blocks.num_free_blocks * self.blocks.block_size + self._slack(seq)
+        n = min(budget, seq.num_uncomputed, free_slots)
+        plan = seq.eviction
+        if plan is not None and plan.during_prefill:
+            n = min(n, plan.budget + plan.prefill_chunk - self.blocks.cache_len(seq.seq_id))
+        return n
+
+    def _make_room(self, seq: Sequence, out: SchedulerOutput, budget: int) -> int:
+        """Preempt newer running sequences until `seq` can take a chunk; return its chunk size."""
+        n = 0
+        while n <= 0:
+            victim = self._preemption_victim(exclude=out)
+            if victim is None or victim is seq:
+                return 0
+            self._preempt(victim, out)
+            n = self._chunk_size(seq, budget)
+        return n
 
     def postprocess(self, out: SchedulerOutput) -> None:
         """The model ran the scheduled chunks: their tokens are now in the cache."""
