@@ -31,6 +31,7 @@ class CacheEvictionConfig:
     # run); "after": the whole prompt is cached once, then evicted (one eviction, unbounded memory).
     prefill: str = "chunked"
     prefill_chunk: int = 0  # "chunked": prompt tokens added between two compactions; 0 = the budget
+    prefill_window: int = 0  # "chunked": newest queries scored at compactions inside the prompt; 0 = window
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1:
@@ -46,6 +47,9 @@ class CacheEvictionConfig:
         if not isinstance(self.prefill_chunk, int) or isinstance(self.prefill_chunk, bool) or self.prefill_chunk < 0:
             raise ConfigError(f"CacheEvictionConfig.prefill_chunk must be an integer >= 0 (0 = the budget), "
                               f"got {self.prefill_chunk!r}")
+        if not isinstance(self.prefill_window, int) or isinstance(self.prefill_window, bool) or self.prefill_window < 0:
+            raise ConfigError(f"CacheEvictionConfig.prefill_window must be an integer >= 0 (0 = the policy's "
+                              f"window), got {self.prefill_window!r}")
         if self.prefill not in PREFILL_MODES:
             raise ConfigError(f"CacheEvictionConfig.prefill must be one of {', '.join(map(repr, PREFILL_MODES))}, "
                               f"got {self.prefill!r}")

@@ -43,6 +43,12 @@ class EvictionPlan:
     during_decode: bool
     during_prefill: bool      # compact between prompt chunks (memory-bounded prefill)
     prefill_chunk: int = 0    # prompt tokens added between two such compactions (resolved by Evictor.plan)
+    prefill_window: int = 0   # queries scored at those compactions (resolved by Evictor.plan)
+
+    @property
+    def query_window(self) -> int:
+        """Newest queries a sequence with this plan keeps for scoring."""
+        return max(self.window, self.prefill_window if self.during_prefill else 0)
 
     @classmethod
     def from_config(cls, config: CacheEvictionConfig) -> "EvictionPlan":
@@ -99,7 +105,8 @@ class Evictor:
         chunk = config.prefill_chunk or plan.budget
         if plan.policy.name == "full":  # it keeps every token: a prompt cannot be bounded while it fills
             plan = replace(plan, during_prefill=False)
-        plan = replace(plan, prefill_chunk=max(0, min(chunk, pool - plan.budget - bs)))
+        plan = replace(plan, prefill_chunk=max(0, min(chunk, pool - plan.budget - bs)),
+                       prefill_window=(config.prefill_window or plan.window) if plan.window else 0)
         if plan.during_prefill and plan.prefill_chunk < bs:
             raise ConfigError(f"eviction budget {plan.budget} leaves no room for a prompt chunk in a KV pool of "
                               f"{pool} tokens: budget + one chunk + one block ({bs}) must fit; use a budget of at "
@@ -198,12 +205,12 @@ class Evictor:
         return True
 
     # -- one eviction ------------------------------------------------------------------------------
-    def _scores(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, num_slots: int,
+    def _scores(self, seq: Sequence, window: int, st: EvictionState, num_slots: int,
                 layers: np.ndarray) -> np.ndarray:
         """[len(layers), Hq, num_slots] for layers that all hold num_slots slots, scored a group of layers
         per numpy call (a few calls per eviction instead of one per layer; the group bounds the temporaries)."""
         L = len(layers)
-        if not plan.window:
+        if not window:
             return np.zeros((L, self.runner.num_q_heads, num_slots), np.float32)
         tables = self.blocks.tables[seq.seq_id]
         scales = np.asarray(self.runner.softmax_scales, dtype=np.float32)[layers]
@@ -215,17 +222,17 @@ class Evictor:
             hi = min(L, lo + group)
             for i, layer in enumerate(layers[lo:hi]):
                 keys[i] = self.runner.kv.read_keys(layer, tables[layer], num_slots)
-            out[lo:hi] = window_scores(st.queries[layers[lo:hi], -plan.window:], keys[:hi - lo], scales[lo:hi],
+            out[lo:hi] = window_scores(st.queries[layers[lo:hi], -window:], keys[:hi - lo], scales[lo:hi],
                                        windows[lo:hi])
         return out
 
-    def _layer_scores(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, layer: int,
+    def _layer_scores(self, seq: Sequence, window: int, st: EvictionState, layer: int,
                       num_slots: int) -> np.ndarray:
         """[Hq, num_slots]: the attention the newest W queries gave each slot, per query head."""
-        if not plan.window:
+        if not window:
             return np.zeros((self.runner.num_q_heads, num_slots), np.float32)
         keys = self.runner.kv.read_keys(layer, self.blocks.tables[seq.seq_id][layer], num_slots)
-        return window_scores(st.queries[layer, -plan.window:], keys, self.runner.softmax_scales[layer],
+        return window_scores(st.queries[layer, -window:], keys, self.runner.softmax_scales[layer],
                              self.runner.sliding_windows[layer])
 
     def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray,
@@ -233,6 +240,7 @@ class Evictor:
         """Compact the sequence to the policy's keep-sets; return the tokens evicted per layer (mean)."""
         L, hkv = self.runner.num_layers, self.runner.num_kv_heads
         policy = plan.policy
+        window = plan.window if seq.num_computed >= seq.num_prompt_tokens else plan.prefill_window
         windows = np.asarray(self.runner.sliding_windows, dtype=np.int64)
         glob = np.flatnonzero(windows == 0)  # the layers the policy decides for
         masks: list = [None] * L
@@ -243,7 +251,7 @@ class Evictor:
             masks[layer] = _newest(hkv, int(lens[layer]), int(min(budgets[layer], windows[layer], lens[layer])))
         uneven = bool(glob.size) and bool(np.ptp(lens[glob]))  # recomputed: sliding layers do not count
         if glob.size and not uneven:  # all global layers alike: one policy call over them
-            scores = self._scores(seq, plan, st, int(lens[glob[0]]), glob)
+            scores = self._scores(seq, window, st, int(lens[glob[0]]), glob)
             st.policy_state, ranked = policy.update(st.policy_state, scores)
             for layer, mask in zip(glob, policy.keep_mask(AttentionStats(ranked, hkv), plan.budget)):
                 masks[layer] = mask
@@ -253,7 +261,7 @@ class Evictor:
                                   f"per-layer budgets")
             for layer in glob:
                 masks[layer] = policy.keep_mask(AttentionStats(
-                    self._layer_scores(seq, plan, st, layer, int(lens[layer]))[None], hkv), int(st.targets[layer]))[0]
+                    self._layer_scores(seq, window, st, layer, int(lens[layer]))[None], hkv), int(st.targets[layer]))[0]
         counts = [m.sum(axis=-1) for m in masks]  # [Hkv] per layer
         for layer, c in enumerate(counts):
             if (c != c[0]).any():  # compaction moves every KV head to the same length
