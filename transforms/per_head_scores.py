@@ -42,6 +42,20 @@ def expose_queries(model: ov.Model, head_size: int) -> list[float]:
         result.set_friendly_name(f"queries.{layer}")
         model.add_results([result])
         scale = _constant_scalar(node.input_value(9))
+        if scale is None and not head_size:
+            raise ValueError(f"layer {layer}: the softmax scale is not a constant and the head size is unknown")
         scales.append(scale if scale is not None else 1.0 / math.sqrt(head_size))
     model.validate_nodes_and_infer_types()
     return scales
+
+
+ALIBI_SLOPES_INPUT = 11
+
+
+def uses_alibi(model: ov.Model) -> bool:
+    """True when some layer adds ALiBi position biases (Bloom, MPT), which per-head scoring does not model."""
+    for node in paged_attention_nodes(model):
+        shape = node.input(ALIBI_SLOPES_INPUT).get_partial_shape()
+        if shape.rank.is_dynamic or any(d.is_dynamic or d.get_length() > 0 for d in shape):
+            return True
+    return False

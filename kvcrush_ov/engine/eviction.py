@@ -6,6 +6,8 @@ Flow per step (called by the engine after the model ran):
   maybe_evict(seq)  when the prompt is done and the cache holds more than the budget (and later, during
                     decoding, each time it has grown a block past it): score the W queries against the
                     cached keys per head, ask the policy, move kept slots to the front, free the tail.
+A sliding-window layer keeps its newest min(budget, window) slots whatever the policy: it cannot see
+older tokens, so no budget goes there.
 Policies see only numpy arrays (AttentionStats) and own whatever state they carry between evictions;
 this file is the only bridge to the KV tensors and the only writer of eviction state.
 """
@@ -68,6 +70,15 @@ class EvictionState:
         return replace(self, queries=None if self.queries is None else self.queries.copy())
 
 
+def _newest(num_kv_heads: int, num_slots: int, n: int) -> np.ndarray:
+    """Keep-mask [Hkv, num_slots] of the newest n slots: what a sliding-window layer keeps. It never
+    sees a token older than its window, so no budget goes there, and its slots stay contiguous, so the
+    kernel's window (counted in slots) stays the window in positions."""
+    mask = np.zeros((num_kv_heads, num_slots), dtype=bool)
+    mask[:, max(0, num_slots - n):] = True
+    return mask
+
+
 @dataclass
 class EvictionStats:
     evictions: int = 0
@@ -97,6 +108,8 @@ class Evictor:
             raise ConfigError(f"CacheEvictionConfig.prefill_chunk={config.prefill_chunk} is below one KV block "
                               f"({bs} tokens); use at least {bs} (or 0 for the budget)")
         chunk = config.prefill_chunk or plan.budget
+        if plan.policy.name == "full":  # it keeps every token: a prompt cannot be bounded while it fills
+            plan = replace(plan, during_prefill=False)
         plan = replace(plan, prefill_chunk=max(0, min(chunk, pool - plan.budget - bs)),
                        prefill_window=(config.prefill_window or plan.window) if plan.window else 0,
                        probe=plan.during_prefill and config.prefill_scores == "probe" and plan.window > 0)
@@ -112,6 +125,9 @@ class Evictor:
                 raise ConfigError("this engine was built without eviction support; pass a cache_eviction_config "
                                   "in SchedulerConfig (or enable_eviction=True) when creating it")
             self.runner.kv.require_token_rows("eviction with attention scores")
+            if self.runner.uses_alibi:
+                raise ConfigError(f"policy {plan.policy.name!r} scores attention per head, which does not model this "
+                                  f"model's ALiBi position biases; use 'streaming' or the full cache")
         if plan.policy.per_layer_budgets and not self.runner.per_layer_lengths:
             raise ConfigError(f"policy {plan.policy.name!r} keeps different lengths per layer; build the engine "
                               f"with it as the default policy (or per_layer_lengths=True) to use it per request")
@@ -205,22 +221,24 @@ class Evictor:
 
     # -- one eviction ------------------------------------------------------------------------------
     def _scores(self, seq: Sequence, window: int, queries: np.ndarray, num_slots: int,
-                causal: bool = True) -> np.ndarray:
-        """[L, Hq, num_slots] for layers that all hold num_slots slots, scored a group of layers per
-        numpy call (a few calls per eviction instead of one per layer; the group bounds the temporaries)."""
-        L = self.runner.num_layers
+                layers: np.ndarray, causal: bool = True) -> np.ndarray:
+        """[len(layers), Hq, num_slots] for layers that all hold num_slots slots, scored a group of layers
+        per numpy call (a few calls per eviction instead of one per layer; the group bounds the temporaries)."""
+        L = len(layers)
         if not window:
             return np.zeros((L, self.runner.num_q_heads, num_slots), np.float32)
         tables = self.blocks.tables[seq.seq_id]
-        scales = np.asarray(self.runner.softmax_scales, dtype=np.float32)
+        scales = np.asarray(self.runner.softmax_scales, dtype=np.float32)[layers]
+        windows = np.asarray(self.runner.sliding_windows, dtype=np.int64)[layers]
         group = max(1, (1 << 15) // max(num_slots, 1))
         out = np.empty((L, self.runner.num_q_heads, num_slots), np.float32)
         keys = np.empty((min(group, L), self.runner.num_kv_heads, num_slots, self.runner.head_size), np.float32)
         for lo in range(0, L, group):
             hi = min(L, lo + group)
-            for i, layer in enumerate(range(lo, hi)):
+            for i, layer in enumerate(layers[lo:hi]):
                 keys[i] = self.runner.kv.read_keys(layer, tables[layer], num_slots)
-            out[lo:hi] = window_scores(queries[lo:hi, -window:], keys[:hi - lo], scales[lo:hi], causal)
+            out[lo:hi] = window_scores(queries[layers[lo:hi], -window:], keys[:hi - lo], scales[lo:hi],
+                                       windows[lo:hi], causal)
         return out
 
     def _layer_scores(self, seq: Sequence, window: int, queries: np.ndarray, layer: int,
@@ -229,7 +247,8 @@ class Evictor:
         if not window:
             return np.zeros((self.runner.num_q_heads, num_slots), np.float32)
         keys = self.runner.kv.read_keys(layer, self.blocks.tables[seq.seq_id][layer], num_slots)
-        return window_scores(queries[layer, -window:], keys, self.runner.softmax_scales[layer], causal)
+        return window_scores(queries[layer, -window:], keys, self.runner.softmax_scales[layer],
+                             self.runner.sliding_windows[layer], causal)
 
     def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray,
                uneven: bool) -> int:
@@ -242,17 +261,28 @@ class Evictor:
         if in_prompt and plan.probe and seq.seq_id in self._probes:  # the question's view, from the future
             queries, causal = self._probes[seq.seq_id], False
             window = queries.shape[1]
-        if not uneven:  # all layers alike: one policy call over every layer
-            scores = self._scores(seq, window, queries, int(lens[0]), causal)
+        windows = np.asarray(self.runner.sliding_windows, dtype=np.int64)
+        glob = np.flatnonzero(windows == 0)  # the layers the policy decides for
+        masks: list = [None] * L
+        # A sliding layer keeps the newest slots it can see, up to its budget (not scored: it has no
+        # choice to make); once evicted it is shorter than the global layers, so "alike" asks only those.
+        budgets = policy.layer_budgets(L, plan.budget, int(lens.max()))
+        for layer in np.flatnonzero(windows > 0):
+            masks[layer] = _newest(hkv, int(lens[layer]), int(min(budgets[layer], windows[layer], lens[layer])))
+        uneven = bool(glob.size) and bool(np.ptp(lens[glob]))  # recomputed: sliding layers do not count
+        if glob.size and not uneven:  # all global layers alike: one policy call over them
+            scores = self._scores(seq, window, queries, int(lens[glob[0]]), glob, causal)
             st.policy_state, ranked = policy.update(st.policy_state, scores)
-            masks = policy.keep_mask(AttentionStats(ranked, hkv), plan.budget)
-        else:  # layers hold different lengths (after PyramidKV): each layer on its own, to its target
+            for layer, mask in zip(glob, policy.keep_mask(AttentionStats(ranked, hkv), plan.budget)):
+                masks[layer] = mask
+        elif uneven:  # global layers hold different lengths (after PyramidKV): each on its own, to its target
             if policy.stateful:
                 raise ConfigError(f"policy {policy.name!r} carries state per slot and cannot follow "
                                   f"per-layer budgets")
-            masks = [policy.keep_mask(AttentionStats(self._layer_scores(seq, window, queries, layer, int(lens[layer]),
-                                                                        causal)[None],
-                                                     hkv), int(st.targets[layer]))[0] for layer in range(L)]
+            for layer in glob:
+                masks[layer] = policy.keep_mask(AttentionStats(
+                    self._layer_scores(seq, window, queries, layer, int(lens[layer]), causal)[None], hkv),
+                    int(st.targets[layer]))[0]
         counts = [m.sum(axis=-1) for m in masks]  # [Hkv] per layer
         for layer, c in enumerate(counts):
             if (c != c[0]).any():  # compaction moves every KV head to the same length
@@ -267,8 +297,8 @@ class Evictor:
             keep = np.nonzero(masks[layer])[1].reshape(hkv, kept[layer])  # sorted per head: time order kept
             self.runner.kv.compact(layer, tables[layer], keep)
             keeps.append(keep)
-        if not uneven and (kept == kept[0]).all():
-            st.policy_state = policy.compact(st.policy_state, np.stack(keeps))
+        if glob.size and not uneven and (kept[glob] == kept[glob[0]]).all():  # its state covers the global layers
+            st.policy_state = policy.compact(st.policy_state, np.stack([keeps[layer] for layer in glob]))
         self.blocks.trim(seq.seq_id, kept)
         if st.targets is None:
             st.targets = kept

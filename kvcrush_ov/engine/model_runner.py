@@ -30,10 +30,6 @@ def read_model_dir(model_dir: str | Path) -> tuple[Path, dict]:
     if not path.is_dir():
         raise ModelError(f"model directory {str(path)!r} does not exist; run `kvcrush-ov prepare smollm2-135m` "
                          f"or export one with `optimum-cli export openvino`")
-    for name in ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml"):
-        if not (path / name).is_file():
-            raise ModelError(f"{path} has no {name}: not an `optimum-cli export openvino` directory of an LLM "
-                             f"(export with --task text-generation-with-past, tokenizers included)")
     config = {}
     if (path / "config.json").is_file():
         try:
@@ -43,7 +39,41 @@ def read_model_dir(model_dir: str | Path) -> tuple[Path, dict]:
                              f"model or restore the file") from None
         if not isinstance(config, dict):
             raise ModelError(f"{path / 'config.json'} must hold a JSON object, not {type(config).__name__}")
+    _check_decoder_only(path, config)
+    for name in ("openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml"):
+        if not (path / name).is_file():
+            raise ModelError(f"{path} has no {name}: not an `optimum-cli export openvino` directory of an LLM "
+                             f"(export with --task text-generation-with-past, tokenizers included)")
     return path, config
+
+
+# HF head classes of models that are not causal decoders (the export of one is not an LLM to serve).
+_NOT_CAUSAL = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+               "ForMultipleChoice", "ForImageClassification", "ForSpeechSeq2Seq", "ForCTC")
+
+
+def _check_decoder_only(path: Path, config: dict) -> None:
+    arch = str((config.get("architectures") or [""])[0])
+    kind = config.get("model_type", "?")
+    if config.get("is_encoder_decoder"):
+        raise ModelError(f"{path} holds {arch or kind}, an encoder-decoder model: kvcrush-ov serves decoder-only "
+                         f"LLMs (export one with `optimum-cli export openvino --task text-generation-with-past`)")
+    if arch.endswith(_NOT_CAUSAL) or (arch.endswith("Model") and not arch.endswith("LMHeadModel")):
+        raise ModelError(f"{path} holds {arch} ({kind}), an encoder or base model without a causal LM head: "
+                         f"kvcrush-ov serves decoder-only LLMs (…ForCausalLM, exported with --task "
+                         f"text-generation-with-past)")
+
+
+def _check_pageable(model: ov.Model, where: Path, kind: str) -> None:
+    """The stateful SDPA export that openvino's paged transformation (and openvino-genai's CB) needs."""
+    ops = {op.get_type_name() for op in model.get_ops()}
+    if not model.get_sinks():
+        raise ModelError(f"{where} ({kind}) has no KV-cache state (exported without past); re-export it with "
+                         f"`optimum-cli export openvino --task text-generation-with-past`")
+    if "ScaledDotProductAttention" not in ops:
+        raise ModelError(f"{where} ({kind}) has no ScaledDotProductAttention op: its attention (or recurrent state) "
+                         f"cannot be paged by openvino's PagedAttention transformation, nor served by openvino-genai's "
+                         f"continuous batching")
 
 
 class ModelRunner:
@@ -59,14 +89,27 @@ class ModelRunner:
             model = self.core.read_model(self.model_dir / "openvino_model.xml")
         except RuntimeError as e:
             raise ModelError(f"cannot read {self.model_dir / 'openvino_model.xml'}: {str(e).splitlines()[0]}") from None
-        if not transforms.paged.is_stateful_sdpa(model):
-            raise ModelError(f"{self.model_dir} is not a stateful model with ScaledDotProductAttention; re-export "
-                             f"it with `optimum-cli export openvino --task text-generation-with-past` (SDPA on)")
-        # PagedAttention's own `scores.N` (summed over heads) are not what we score with: not requested.
-        self.info = transforms.make_paged_model(model, score_outputs=False)
-        self.softmax_scales = (transforms.expose_queries(model, self._config_head_size())
-                               if expose_queries else [])
-        self.per_layer_lengths = per_layer_lengths
+        kind = self.hf_config.get("model_type", "unknown architecture")
+        _check_pageable(model, self.model_dir, kind)
+        try:
+            # PagedAttention's own `scores.N` (summed over heads) are not what we score with: not requested.
+            self.info = transforms.make_paged_model(model, score_outputs=False)
+        except RuntimeError as e:  # OpenVINO's own message is pages long: keep its last line
+            raise ModelError(f"openvino cannot turn {self.model_dir} ({kind}) into a PagedAttention model: "
+                             f"{str(e).strip().splitlines()[-1]}") from None
+        left = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "ScaledDotProductAttention"]
+        if left or model.get_sinks():
+            raise ModelError(f"{self.model_dir} ({kind}) keeps {len(left)} attention op(s) and {len(model.get_sinks())} "
+                             f"state(s) that PagedAttention cannot page (e.g. recurrent or cross-attention state)")
+        self.sliding_windows = transforms.sliding_windows(model, self.core)  # per layer, 0 = global
+        self.uses_alibi = transforms.uses_alibi(model)  # per-head scores would miss its biases
+        try:
+            self.softmax_scales = (transforms.expose_queries(model, self._config_head_size())
+                                   if expose_queries else [])
+        except ValueError as e:
+            raise ModelError(f"{self.model_dir} ({kind}): {e}; per-head scoring cannot run on it") from None
+        # sliding layers keep at most their window once a sequence evicts: layers then differ in length
+        self.per_layer_lengths = per_layer_lengths or (expose_queries and any(self.sliding_windows))
         if self.per_layer_lengths:
             transforms.split_lengths_per_layer(model)
         props = dict(properties or {})
@@ -105,8 +148,11 @@ class ModelRunner:
         self.vocab_size = vocab.get_length() if vocab.is_static else None
 
     def _config_head_size(self) -> int:
+        """Head size from config.json (fallback softmax scale only; 0 if it does not say)."""
         c = self.hf_config
-        return int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]) if c else 0
+        hidden = c.get("hidden_size") or c.get("n_embd") or c.get("d_model")
+        heads = c.get("num_attention_heads") or c.get("n_head") or c.get("n_heads")
+        return int(c.get("head_dim") or (hidden // heads if hidden and heads else 0))
 
     def _blocks_for_gb(self, cache_size_gb: float) -> int:
         key, value = self.compiled.input("key_cache.0"), self.compiled.input("value_cache.0")
