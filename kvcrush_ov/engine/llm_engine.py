@@ -21,8 +21,8 @@ from .model_runner import ModelRunner
 from .sampler import greedy_batch, sample
 from .scheduler import Scheduler
 from .sequence import FinishReason, LogitsObserver, Sequence, Status, TokenSource
+from .stopping import Decode, check_stop, stream
 
-Decode = Callable[[list[int]], str]
 
 
 def token_logprob(row: np.ndarray, token: int) -> float:
@@ -295,8 +295,8 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.token_times.append(now)
-        self._check_stop(seq, token)
-        self._stream(seq)
+        check_stop(seq, token, self.decode)
+        stream(seq, self.decode)
 
     def _drop_finished(self) -> list[Sequence]:
         """Free finished sequences' blocks and forget them (the caller keeps its own references)."""
@@ -313,45 +313,3 @@ class LLMEngine:
                 visible.append(s)
             self.evictor.drop(s)
         return visible
-
-    # -- stopping and streaming ----------------------------------------------------------------------
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        cfg = seq.config
-        if not cfg.ignore_eos and (token in seq.eos_token_ids or token in cfg.stop_token_ids) \
-                and seq.num_generated >= cfg.min_new_tokens:
-            seq.finish(FinishReason.STOP)
-        elif cfg.stop_strings and self.decode is not None:
-            seq.text = self.decode(seq.output_ids)
-            tail = seq.text[max(0, seq.streamed_chars - max(map(len, cfg.stop_strings))):]
-            hits = [(tail.find(s), s) for s in cfg.stop_strings if s in tail]
-            if hits:
-                pos, stop = min(hits)
-                cut = len(seq.text) - len(tail) + pos
-                seq.text = seq.text[:cut + (len(stop) if cfg.include_stop_str_in_output else 0)]
-                seq.finish(FinishReason.STOP)
-        if not seq.is_finished and seq.num_generated >= cfg.max_new_tokens:
-            seq.finish(FinishReason.LENGTH)
-
-    def _stream(self, seq: Sequence) -> None:
-        if seq.streamer is None or self.decode is None:
-            return
-        if not (seq.is_finished and seq.config.stop_strings and seq.finish_reason is FinishReason.STOP):
-            seq.text = self.decode(seq.output_ids)
-        text = seq.text
-        end = len(text)
-        if not seq.is_finished:
-            if text.endswith("\ufffd"):
-                return  # an incomplete UTF-8 character: wait for the next token
-            if seq.config.stop_strings:  # hold back what could be the start of a stop string
-                end = max(seq.streamed_chars, end - max(map(len, seq.config.stop_strings)) + 1)
-        piece = text[seq.streamed_chars:end]
-        if not piece:
-            return
-        seq.streamed_chars = end
-        try:
-            status = seq.streamer(piece)
-        except Exception as e:  # a broken streamer only ends its own request
-            seq.finish(FinishReason.ABORT, error=f"streamer raised {type(e).__name__}: {e}")
-            return
-        if status is True or getattr(status, "name", "") in ("STOP", "CANCEL"):
-            seq.finish(FinishReason.ABORT if getattr(status, "name", "") == "CANCEL" else FinishReason.STOP)
