@@ -4,6 +4,7 @@ many were right, and the KV memory each held while decoding. Every figure is fro
 from __future__ import annotations
 
 import random
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +37,12 @@ def demo_cases(n: int = len(DEPTHS), seed: int = 0) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     keys = [str(rng.randrange(10 ** (4 + i % 2), 10 ** (5 + i % 2))) for i in range(n)]
     return [(demo_prompt(k, DEPTHS[i % len(DEPTHS)]), k) for i, k in enumerate(keys)]
+
+
+def _shown(answer: str) -> str:
+    """The number the model answered (its first digit run), else the start of its text."""
+    digits = re.search(r"\d+", answer)
+    return digits.group(0) if digits else repr(answer[:16])
 
 
 def run_demo(model_dir: Path, device: str, scheduler: SchedulerConfig, budget_fraction: float = 0.25,
@@ -75,6 +82,6 @@ def run_demo(model_dir: Path, device: str, scheduler: SchedulerConfig, budget_fr
     print(head)
     print("|" + "---|" * (len(cases) + 4))
     for r in rows:
-        cells = " | ".join(("ok " if want in got else "") + repr(got[:14]) for (_, want), got in zip(cases, r["answers"]))
+        cells = " | ".join(("ok " if want in got else "") + _shown(got) for (_, want), got in zip(cases, r["answers"]))
         print(f"| {r['policy']} | {cells} | {r['correct']}/{len(cases)} | {r['kv_mib']:.2f} | {r['seconds']:.1f} |")
     return rows
