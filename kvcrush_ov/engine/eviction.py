@@ -62,6 +62,7 @@ class EvictionState:
 class EvictionStats:
     evictions: int = 0
     seconds: float = 0.0
+    tokens_evicted: int = 0  # KV slots freed, per layer on average (summed over sequences)
 
 
 class Evictor:
@@ -197,6 +198,7 @@ class Evictor:
             st.accumulated = st.accumulated[:, :, :kept.max()].copy()
         self.blocks.trim(seq.seq_id, kept)
         st.tokens_evicted += int((lens - kept).sum()) // L
+        self.stats.tokens_evicted += int((lens - kept).sum()) // L
         st.num_evictions += 1
         if st.targets is None:
             st.targets = kept

@@ -39,6 +39,20 @@ class StepStats:
     seconds: float
 
 
+@dataclass(frozen=True)
+class EngineMetrics:
+    """A snapshot of the engine's load (what a server exports on /metrics)."""
+
+    running: int              # sequences holding KV blocks (prefilling or decoding)
+    waiting: int              # queued, or preempted and waiting to be recomputed
+    kv_blocks_total: int      # blocks per layer in the pool
+    kv_blocks_used: int       # blocks in use in the fullest layer
+    kv_blocks_free: int
+    evictions: int            # eviction passes so far
+    tokens_evicted: int       # KV slots freed by eviction so far (per layer)
+    preemptions: int
+
+
 class LLMEngine:
     def __init__(self, model_dir: str | Path, device: str = "CPU", scheduler_config: SchedulerConfig | None = None,
                  properties: dict | None = None, decode: Decode | None = None,
@@ -152,6 +166,15 @@ class LLMEngine:
         if seq is not None and not seq.is_finished:
             seq.finish(FinishReason.ABORT)
             self._drop_finished()
+
+    def metrics(self) -> EngineMetrics:
+        seqs = self.scheduler.seqs
+        running = sum(1 for s in seqs if s.status is Status.RUNNING)
+        free = self.blocks.num_free_blocks
+        return EngineMetrics(running=running, waiting=len(seqs) - running, kv_blocks_total=self.blocks.num_blocks,
+                             kv_blocks_used=self.blocks.num_blocks - free, kv_blocks_free=free,
+                             evictions=self.evictor.stats.evictions, tokens_evicted=self.evictor.stats.tokens_evicted,
+                             preemptions=self.scheduler.num_preemptions)
 
     @property
     def has_unfinished(self) -> bool:

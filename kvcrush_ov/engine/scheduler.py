@@ -45,6 +45,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.seqs: list[Sequence] = []  # unfinished, in arrival order
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.seqs.append(seq)
@@ -127,4 +128,5 @@ class Scheduler:
         seq.layer_offsets = None
         seq.kv_state = None
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         out.preempted.append(seq)
