@@ -304,11 +304,12 @@ class EngineLoop:
                     self.thread = None
                     self._cond.notify_all()
                     return
+            aborted = [c[1] for c in commands if c[0] == "abort"]
             for command in commands:
                 self._apply(command)
             if self.engine.has_unfinished:
                 self._step()
-            self._publish()
+            pushes = self._publish()
             with self._cond:
                 self._steps += 1
                 now = time.perf_counter()
@@ -317,6 +318,10 @@ class EngineLoop:
                     self._recent.popleft()
                 self._metrics = self._snapshot()
                 self._cond.notify_all()
+            for handle, out, status in pushes:  # after the snapshot: a caller woken here sees its effect
+                handle._push(out, status)
+            for handle in aborted:  # cancel()/stop() return once the request's end is published
+                handle._abort_done.set()
 
     def _apply(self, command: tuple) -> None:
         kind, handle = command[0], command[1]
@@ -333,7 +338,6 @@ class EngineLoop:
         elif kind == "abort":
             if handle.sequence is not None and not handle.finished:
                 self.engine.abort(handle.sequence.seq_id)
-            handle._abort_done.set()
 
     def _step(self) -> None:
         try:
@@ -350,9 +354,9 @@ class EngineLoop:
         if stats is not None:
             self._prompt_tokens += stats.num_prefill_tokens
 
-    def _publish(self) -> None:
-        """Hand each active request its new tokens; retire the finished ones."""
-        new_tokens = 0
+    def _publish(self) -> list[tuple[GenerationHandle, GenerationOutput, GenerationStatus | None]]:
+        """Each active request's new tokens (to push to its handle); retire the finished ones."""
+        new_tokens, pushes = 0, []
         for seq_id, handle in list(self._active.items()):
             seq = handle.sequence
             ids = seq.output_ids[handle._published:]
@@ -362,7 +366,7 @@ class EngineLoop:
             handle._text_parts.clear()
             if not seq.is_finished:
                 if ids or text:
-                    handle._push(GenerationOutput(ids, text))
+                    pushes.append((handle, GenerationOutput(ids, text), None))
                 continue
             del self._active[seq_id]
             handle.final_text = final_text(seq, self.decode)
@@ -376,8 +380,9 @@ class EngineLoop:
             else:
                 status = GenerationStatus.FINISHED
             self._finished[status.name.lower()] += 1
-            handle._push(GenerationOutput(ids, text, reason), status)
+            pushes.append((handle, GenerationOutput(ids, text, reason), status))
         self._generation_tokens += new_tokens
+        return pushes
 
     def _snapshot(self) -> LoopMetrics:
         return LoopMetrics(self.engine.metrics(), len(self._active), dict(self._finished), self._prompt_tokens,
