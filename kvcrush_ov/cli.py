@@ -107,6 +107,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve.launch import run_serve
+    run_serve(args)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     import shlex
 
@@ -190,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-option", action="append", metavar="KEY=VALUE")
     p.add_argument("--out", default="bench.json")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /metrics)")
+    _add_engine_args(p)
+    _add_policy_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default="", help="the model id clients send (default: --model)")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--ray", action="store_true", help="run as Ray Serve replicas behind one endpoint")
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
+    p.add_argument("--ray-num-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (with --ray)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="score policies x budgets on a suite, side by side with openvino-genai's eviction")
     p.add_argument("--model", default="smollm2-135m")
