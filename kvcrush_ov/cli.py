@@ -103,6 +103,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.capacity:
+        from .capacity import run_capacity
+        run_capacity(args)
+        return
     from .bench import run_bench
     run_bench(args)
 
@@ -194,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=512, help="KV tokens kept per sequence per layer")
     p.add_argument("--policy-option", action="append", metavar="KEY=VALUE")
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--capacity", action="store_true",
+                   help="capacity of one fixed pool (--num-kv-blocks): full cache vs --policy on one request stream")
+    p.add_argument("--requests", type=int, default=24, help="requests in the capacity stream")
+    p.add_argument("--arrivals", default="all,poisson", help="capacity arrival patterns: all (at once), poisson")
+    p.add_argument("--arrival-rate", type=float, default=0.5, help="Poisson arrivals, requests per second")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /metrics)")
