@@ -2,30 +2,19 @@
 (tiny random-weight Llama: answers are gibberish, but greedy answers must equal the pipeline's own)."""
 from __future__ import annotations
 
-import json
 import logging
-import socket
 import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvcrush_ov import SchedulerConfig
 from kvcrush_ov.continuous_batching import ContinuousBatchingPipeline
-from kvcrush_ov.serve.server import create_app
+from kvcrush_ov.serve.live import LiveServer, read_metrics, wait_idle
 
 NUM_BLOCKS = 64  # x 32 tokens: 2048 KV slots, half the model's 4096-token context (so some requests never fit)
 MODEL = "tiny-llama"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LogRecords(logging.Handler):
@@ -37,45 +26,12 @@ class LogRecords(logging.Handler):
         self.records.append(record)
 
 
-class LiveServer:
-    def __init__(self, pipe: ContinuousBatchingPipeline) -> None:
-        self.pipe = pipe
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(pipe, MODEL), host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "LiveServer":
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
+class Live(LiveServer):
     def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics").text
-        out = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else "")
-                out[key] = s.value
-        return out
+        return read_metrics(self.url)
 
-    def wait_idle(self, timeout: float = 30) -> dict[str, float]:
-        deadline = time.time() + timeout
-        while True:
-            m = self.metrics()
-            if m["kvcrush_kv_blocks_used"] == 0 and m["kvcrush_requests_running"] == 0 \
-                    and m["kvcrush_requests_waiting"] == 0:
-                return m
-            assert time.time() < deadline, f"server not idle: {m}"
-            time.sleep(0.05)
+    def wait_idle(self) -> dict[str, float]:
+        return wait_idle(self.url, 30)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +39,7 @@ def server(tiny_llama_dir):
     pipe = ContinuousBatchingPipeline(tiny_llama_dir, SchedulerConfig(num_kv_blocks=NUM_BLOCKS))
     logs = LogRecords()
     logging.getLogger().addHandler(logs)
-    with LiveServer(pipe) as live:
+    with Live(pipe, MODEL) as live:
         live.logs = logs
         yield live
     logging.getLogger().removeHandler(logs)
