@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 
 import httpx
@@ -13,7 +15,7 @@ from kvcrush_ov.serve.live import free_port
 pytestmark = pytest.mark.slow  # starts Ray (~20-40 s on 2 cores)
 
 
-def test_two_replicas_answer_through_one_endpoint(tiny_llama_dir, tmp_path):
+def test_two_replicas_answer_through_one_endpoint(tiny_llama_dir):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
@@ -21,7 +23,8 @@ def test_two_replicas_answer_through_one_endpoint(tiny_llama_dir, tmp_path):
     from kvcrush_ov.serve.ray_deploy import build_app
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path / "ray"), log_to_driver=False)
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(tiny_llama_dir, SchedulerConfig(num_kv_blocks=64), "tiny-llama", replicas=2,
@@ -55,3 +58,4 @@ def test_two_replicas_answer_through_one_endpoint(tiny_llama_dir, tmp_path):
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
