@@ -215,3 +215,13 @@ def test_a_request_the_pool_can_never_hold_is_a_503_with_a_reason(server):
     body["prompt"] = "word " * 1900
     assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
     server.wait_idle()
+
+
+def test_client_gone_before_a_non_streaming_answer_cancels_it(server):
+    server.wait_idle()
+    cancelled0 = server.metrics().get("kvcrush_requests_finished_total{status=cancel}", 0)
+    body = {"model": MODEL, "prompt": "Tell me everything. " * 100, "max_tokens": 1500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+    m = server.wait_idle()
+    assert m["kvcrush_requests_finished_total{status=cancel}"] == cancelled0 + 1

@@ -52,6 +52,25 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     return (f"{loc}: {e.get('msg')}" if loc else str(e.get("msg"))), loc or None
 
 
+class ReplicaHeader:
+    """Pure ASGI middleware naming the replica in each response (BaseHTTPMiddleware would hide client
+    disconnects from the endpoint)."""
+
+    def __init__(self, app, replica: str) -> None:
+        self.app, self.header = app, (b"x-kvcrush-replica", replica.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def tagged(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+
+
 def create_app(pipe: ContinuousBatchingPipeline, model_name: str, replica: str | None = None) -> FastAPI:
     """The app for one pipeline. `replica` names this process in an `x-kvcrush-replica` header."""
     replica = replica or f"{socket.gethostname()}:{os.getpid()}"
@@ -65,11 +84,7 @@ def create_app(pipe: ContinuousBatchingPipeline, model_name: str, replica: str |
 
     app = FastAPI(title="kvcrush-ov", version="0.1.0", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def tag_replica(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["x-kvcrush-replica"] = replica
-        return response
+    app.add_middleware(ReplicaHeader, replica=replica)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
