@@ -225,3 +225,42 @@ def test_client_gone_before_a_non_streaming_answer_cancels_it(server):
         httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
     m = server.wait_idle()
     assert m["kvcrush_requests_finished_total{status=cancel}"] == cancelled0 + 1
+
+
+def test_kvcrush_ov_serve_command(tiny_llama_dir):
+    """The CLI entry point: start `kvcrush-ov serve` as a process, ask it once, stop it."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from kvcrush_ov.serve.live import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kvcrush_ov", "serve", "--model", str(tiny_llama_dir), "--port",
+                             str(port), "--num-kv-blocks", "32", "--policy", "snapkv", "--budget", "128",
+                             "--served-model-name", "tiny", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model="tiny", prompt="The harbor lights " * 100, max_tokens=4, temperature=0)
+        assert r.usage.completion_tokens == 4
+        assert read_metrics(url)["kvcrush_evictions_total"] >= 1  # the server's default policy evicted
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    bad = subprocess.run([sys.executable, "-m", "kvcrush_ov", "serve", "--model", str(tiny_llama_dir), "--policy",
+                          "magic"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "magic" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
