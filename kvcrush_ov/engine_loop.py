@@ -304,24 +304,49 @@ class EngineLoop:
                     self.thread = None
                     self._cond.notify_all()
                     return
-            aborted = [c[1] for c in commands if c[0] == "abort"]
-            for command in commands:
-                self._apply(command)
-            if self.engine.has_unfinished:
-                self._step()
-            pushes = self._publish()
-            with self._cond:
-                self._steps += 1
-                now = time.perf_counter()
-                self._recent.append((now, self._prompt_tokens, self._generation_tokens))
-                while len(self._recent) > 2 and now - self._recent[1][0] > RATE_WINDOW_S:
-                    self._recent.popleft()
-                self._metrics = self._snapshot()
-                self._cond.notify_all()
-            for handle, out, status in pushes:  # after the snapshot: a caller woken here sees its effect
-                handle._push(out, status)
-            for handle in aborted:  # cancel()/stop() return once the request's end is published
-                handle._abort_done.set()
+            try:
+                self._iteration(commands)
+            except Exception as e:  # a bug of ours must not leave callers waiting forever
+                log.exception("engine loop iteration failed: %s", _one_line(e))
+                self._fail_all(_one_line(e), commands)
+
+    def _iteration(self, commands: list[tuple]) -> None:
+        aborted = [c[1] for c in commands if c[0] == "abort"]
+        for command in commands:
+            self._apply(command)
+        if self.engine.has_unfinished:
+            self._step()
+        pushes = self._publish()
+        with self._cond:
+            self._steps += 1
+            now = time.perf_counter()
+            self._recent.append((now, self._prompt_tokens, self._generation_tokens))
+            while len(self._recent) > 2 and now - self._recent[1][0] > RATE_WINDOW_S:
+                self._recent.popleft()
+            self._metrics = self._snapshot()
+            self._cond.notify_all()
+        for handle, out, status in pushes:  # after the snapshot: a caller woken here sees its effect
+            handle._push(out, status)
+        for handle in aborted:  # cancel()/stop() return once the request's end is published
+            handle._abort_done.set()
+
+    def _fail_all(self, reason: str, commands: list[tuple]) -> None:
+        with self._cond:
+            active, self._active = list(self._active.items()), {}
+        for seq_id, handle in active:
+            try:
+                self.engine.abort(seq_id)
+            except Exception:  # keep releasing the others
+                log.error("could not abort request %s", handle.request_id)
+            handle.error = handle.error or reason
+            handle._push(GenerationOutput([]), GenerationStatus.FAILED)
+        for command in commands:
+            handle = command[1]
+            if not handle._accepted.is_set():
+                handle._add_error = KVCrushError(reason)
+                handle._push(None, GenerationStatus.FAILED)
+                handle._accepted.set()
+            handle._abort_done.set()
 
     def _apply(self, command: tuple) -> None:
         kind, handle = command[0], command[1]
@@ -330,7 +355,8 @@ class EngineLoop:
             try:
                 streamer = handle._text_parts.append if handle._text else None
                 handle.sequence = self.engine.add_request(ids, config, streamer=streamer, eviction=eviction)
-                self._active[handle.sequence.seq_id] = handle
+                with self._cond:
+                    self._active[handle.sequence.seq_id] = handle
             except Exception as e:  # bad input is the caller's error: raise it in the caller's thread
                 handle._add_error = e if isinstance(e, KVCrushError) else KVCrushError(_one_line(e))
                 handle._push(None, GenerationStatus.FAILED)
@@ -368,7 +394,8 @@ class EngineLoop:
                 if ids or text:
                     pushes.append((handle, GenerationOutput(ids, text), None))
                 continue
-            del self._active[seq_id]
+            with self._cond:
+                del self._active[seq_id]
             handle.final_text = final_text(seq, self.decode)
             reason = {FinishReason.LENGTH: GenerationFinishReason.LENGTH,
                       FinishReason.STOP: GenerationFinishReason.STOP}.get(seq.finish_reason,

@@ -172,3 +172,25 @@ def test_asyncio_tasks_share_the_batch(cb):
         assert h.get_status() is GenerationStatus.FINISHED and text == h.final_text
     m = cb.get_metrics()
     assert m.generation_tokens > 0 and m.prompt_tokens > 0 and m.requests_active == 0
+
+
+def test_a_bug_in_the_loop_fails_requests_instead_of_hanging_them(cb):
+    loop = cb.loop
+    publish = loop._publish
+    calls = [0]
+
+    def breaks_once():
+        calls[0] += 1
+        if calls[0] == 2:
+            raise ValueError("injected bug")
+        return publish()
+
+    loop._publish = breaks_once
+    try:
+        h = cb.add_request("x", PROMPTS[0], greedy(20))
+        assert h.wait(60) and h.get_status() is GenerationStatus.FAILED and "injected bug" in h.error
+    finally:
+        del loop._publish
+    assert cb.engine.blocks.num_used_blocks == 0
+    again = cb.add_request("y", PROMPTS[0], greedy(3))
+    assert again.wait(60) and again.get_status() is GenerationStatus.FINISHED
