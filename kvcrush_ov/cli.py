@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import KVCrushError
+from .options import parse_options, parse_qualified_options
 
 
 def _model_dir(arg: str) -> Path:
@@ -19,26 +20,12 @@ def _model_dir(arg: str) -> Path:
     return Path(arg)
 
 
-def _option_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def _eviction_config(args: argparse.Namespace, policy: str | None = None, budget: int | None = None):
     from .eviction_config import CacheEvictionConfig
     policy = policy or getattr(args, "policy", None)
     if policy in (None, "full"):
         return None
-    options = {}
-    for item in getattr(args, "policy_option", None) or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise KVCrushError(f"--policy-option takes KEY=VALUE, got {item!r}")
-        options[key] = _option_value(value)
+    options = parse_options(getattr(args, "policy_option", None) or [])
     return CacheEvictionConfig(policy, budget=budget or args.budget, options=options)
 
 
@@ -124,13 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .pipeline import Tokenizer
 
     model_dir = _model_dir(args.model)
-    options: dict = {}
-    for item in args.policy_option or []:
-        key, sep, value = item.partition("=")
-        policy, dot, name = key.partition(".")
-        if not (sep and dot):
-            raise KVCrushError(f"--policy-option takes POLICY.KEY=VALUE (e.g. kvcrush.anchors=mean), got {item!r}")
-        options.setdefault(policy, {})[name] = _option_value(value)
+    options = parse_qualified_options(args.policy_option or [])
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b]
     except ValueError:

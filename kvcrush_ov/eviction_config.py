@@ -10,10 +10,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .policies import POLICIES, Policy, make_policy
-
-# Window of the newest queries scored for policies that accumulate attention (H2O): they have no
-# SnapKV window of their own, and scoring every query of a long prompt per head is O(T^2).
-DEFAULT_ACCUMULATION_WINDOW = 32
+from .policies.defaults import ACCUMULATION_WINDOW as DEFAULT_ACCUMULATION_WINDOW
 
 
 @dataclass

@@ -13,6 +13,7 @@ import openvino_genai as ov_genai
 from .config import GenerationConfig, SchedulerConfig
 from .errors import ConfigError
 from .eviction_config import CacheEvictionConfig
+from .policies import defaults
 
 NATIVE_POLICIES = ("snapkv", "h2o", "kvcrush-block")
 _ANCHORS = {"random": "RANDOM", "zeros": "ZEROS", "ones": "ONES", "mean": "MEAN", "alternate": "ALTERNATE"}
@@ -28,8 +29,8 @@ def to_native_eviction(config: CacheEvictionConfig, block_size: int = 32) -> ov_
         raise ConfigError(f"openvino_genai natively offers only {', '.join(NATIVE_POLICIES)}; "
                           f"policy {config.policy!r} runs on backend='ours'")
     o = config.options
-    start = _round_down(int(o.get("sink_tokens", 32)), block_size)
-    recent = _round_down(int(o.get("recent_tokens", 64)), block_size)
+    start = _round_down(int(o.get("sink_tokens", defaults.SINK_TOKENS)), block_size)
+    recent = _round_down(int(o.get("recent_tokens", defaults.RECENT_TOKENS)), block_size)
     crush_blocks = 0
     if config.policy == "kvcrush-block":
         crush_blocks = int(o.get("budget_blocks") or max(1, round(0.25 * config.budget / block_size)))
@@ -44,7 +45,7 @@ def to_native_eviction(config: CacheEvictionConfig, block_size: int = 32) -> ov_
                           f"<= start {start} + recent {recent}); raise the budget")
     mode = ov_genai.AggregationMode.NORM_SUM
     native = ov_genai.CacheEvictionConfig(start, recent, max_size, mode)
-    native.snapkv_window_size = int(o.get("window", 8)) if config.policy != "h2o" else 0
+    native.snapkv_window_size = int(o.get("window", defaults.SNAPKV_WINDOW)) if config.policy != "h2o" else 0
     if crush_blocks:
         anchor = getattr(ov_genai.KVCrushAnchorPointMode, _ANCHORS.get(str(o.get("anchor", "mean")), "MEAN"))
         native.kvcrush_config = ov_genai.KVCrushConfig(crush_blocks, anchor, int(o.get("seed", 0)))

@@ -26,7 +26,7 @@ import re
 from typing import Callable
 
 from kvcrush_ov.errors import ConfigError
-from kvcrush_ov.eval.suite import Sample
+from kvcrush_ov.eval.sample import Sample
 
 CountTokens = Callable[[str], int]
 

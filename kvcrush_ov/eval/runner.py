@@ -22,30 +22,13 @@ from tqdm import tqdm
 from ..config import GenerationConfig, SchedulerConfig
 from ..errors import ConfigError
 from ..eviction_config import CacheEvictionConfig
-from ..policies import POLICIES, make_policy
+from ..options import parse_policy_spec as parse_policy
+from ..policies import POLICIES, defaults, make_policy
 from .metrics import exact_match_rate, kl_divergence, mean_and_ci, nll, rouge_l, score, target_logprobs
 from .suite import Sample
 
 NATIVE = {"native-snapkv": "snapkv", "native-kvcrush": "kvcrush-block"}
 ALL_POLICIES = tuple(POLICIES) + tuple(NATIVE)
-
-
-def parse_policy(spec: str) -> tuple[str, dict]:
-    """"kvcrush" or a variant "kvcrush:representative_fraction=0.1;anchors=alternate" -> (name, options)."""
-    name, _, rest = spec.partition(":")
-    options = {}
-    for item in filter(None, rest.split(";")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"policy variant {spec!r}: options are KEY=VALUE separated by ';'")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                pass
-        options[key] = value
-    return name, options
 
 
 @dataclass
@@ -208,7 +191,8 @@ class Runner:
                 continue
             for budget in self.config.budgets:
                 ours = CacheEvictionConfig(NATIVE[name], budget=self._tokens(budget, len(ids), 128),
-                                           options={"window": 8, "sink_tokens": 32, "recent_tokens": 64, **variant})
+                                           options={"window": defaults.SNAPKV_WINDOW, "sink_tokens": defaults.SINK_TOKENS,
+                                                    "recent_tokens": defaults.RECENT_TOKENS, **variant})
                 sc = ov_genai.SchedulerConfig()
                 sc.cache_size = max(1, int(round(self.config.cache_size)))
                 if len(ids) > ours.budget:

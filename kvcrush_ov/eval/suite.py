@@ -12,50 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from typing import Callable
 
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eval.metrics import METRICS
+from kvcrush_ov.eval.ruler_mini import ruler_mini
+from kvcrush_ov.eval.sample import Sample
 
 SUITES = ("ruler-mini",)
-
-
-@dataclass
-class Sample:
-    """One evaluation item.
-
-    id:             unique within its suite.
-    prompt:         the user message (chat=True) or the raw text to continue (chat=False).
-    answers:        reference answers; what they mean depends on `metric`.
-    metric:         "contains" | "exact" | "rouge_l" (see metrics.score).
-    max_new_tokens: generation budget.
-    chat:           wrap `prompt` in the model's chat template.
-    task:           task name (e.g. "niah_single"), for grouping results.
-    length:         target prompt length in tokens the generator sized it for (0: unknown).
-    answer_prefix:  text placed at the start of the assistant's reply before generation
-                    (e.g. "The pass key is"); the model's output is scored without it.
-    meta:           generator details (needle depths, source modules, ...); not part of JSONL.
-    """
-
-    id: str
-    prompt: str
-    answers: list[str]
-    metric: str
-    max_new_tokens: int = 32
-    chat: bool = True
-    task: str = ""
-    length: int = 0
-    answer_prefix: str = ""
-    meta: dict = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        if self.metric not in METRICS:
-            raise ConfigError(f"sample {self.id!r}: unknown metric {self.metric!r}; use one of {', '.join(METRICS)}")
-        if not self.answers:
-            raise ConfigError(f"sample {self.id!r}: answers must be a non-empty list")
-        if self.max_new_tokens <= 0:
-            raise ConfigError(f"sample {self.id!r}: max_new_tokens must be positive")
 
 
 # ----------------------------------------------------------------------------- JSONL
@@ -187,8 +151,6 @@ def load_suite(name_or_path: str | os.PathLike, count_tokens: Callable[[str], in
         if count_tokens is None:
             raise ConfigError("suite 'ruler-mini' sizes prompts in tokens; pass count_tokens "
                               "(e.g. the model tokenizer's counter)")
-        from kvcrush_ov.eval.ruler_mini import ruler_mini
-
         return ruler_mini(count_tokens, **kwargs)
     if name.endswith(".jsonl") or os.path.isfile(name):
         if kwargs:

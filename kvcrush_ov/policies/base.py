@@ -14,17 +14,14 @@ Conventions (the engine relies on them):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 import numpy as np
 
 from kvcrush_ov.errors import ConfigError
 
-# Measured here (notes/kvcrush.md): 32 protected first tokens + a short recent window is what made
-# SnapKV usable on SmolLM2; the 4-sink StreamingLLM default lost the needle. Shared by all policies so
-# that comparisons differ only in the method.
-DEFAULT_SINK_TOKENS = 32
-DEFAULT_RECENT_TOKENS = 64
+from kvcrush_ov.policies.defaults import RECENT_TOKENS as DEFAULT_RECENT_TOKENS
+from kvcrush_ov.policies.defaults import SINK_TOKENS as DEFAULT_SINK_TOKENS
 
 SCORE_SOURCES = ("none", "window", "accumulated")
 HEAD_REDUCTIONS = ("sum", "mean", "max")
@@ -240,6 +237,21 @@ class Policy:
         require_int(self.name, "num_layers", num_layers, lo=1)
         self.check_budget(budget)
         return np.full(num_layers, min(int(budget), int(num_tokens)), dtype=np.int64)
+
+    # ---- state carried from one eviction of a sequence to the next (most policies keep none) ----
+    # True when update() keeps state aligned with the slots (H2O): such a policy needs every layer to
+    # hold the same slots, so it cannot follow per-layer budgets (PyramidKV).
+    stateful: ClassVar[bool] = False
+
+    def update(self, state: Any, scores: np.ndarray) -> tuple[Any, np.ndarray]:
+        """Fold one eviction's scores [L, Hq, T] into the state; return (new state, scores to rank by).
+
+        `state` is None at a sequence's first eviction. Stateless policies rank by the scores as given."""
+        return None, scores
+
+    def compact(self, state: Any, keep: np.ndarray) -> Any:
+        """The state after compaction: keep [L, Hkv, n] are the kept slots per KV head, in time order."""
+        return state
 
     # ---- shared ------------------------------------------------------------------------------
     @property

@@ -281,6 +281,17 @@ class KVCrush(Policy):
     def score_source(self) -> str:  # type: ignore[override]
         return "accumulated" if self.base.score_source == "none" else self.base.score_source
 
+    # H2O as a base: its accumulated scores are the base's state
+    @property
+    def stateful(self) -> bool:  # type: ignore[override]
+        return self.base.stateful
+
+    def update(self, state, scores: np.ndarray):
+        return self.base.update(state, scores)
+
+    def compact(self, state, keep: np.ndarray):
+        return self.base.compact(state, keep)
+
     def num_representatives(self, budget: int) -> int:
         """R: the representatives' share of `budget`, leaving the base at least sinks + recent."""
         budget = self.check_budget(budget)

@@ -9,6 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from kvcrush_ov.errors import ConfigError
+from kvcrush_ov.policies.defaults import POOL_KERNEL, SNAPKV_WINDOW
 from kvcrush_ov.policies.base import (DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, HEAD_REDUCTIONS,
                                       POOLINGS, AttentionStats, Policy, is_int, pool_tokens,
                                       require_choice, require_odd_kernel)
@@ -18,22 +19,19 @@ from kvcrush_ov.policies.base import (DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS
 class SnapKV(Policy):
     """Window-attention scores, pooled over neighbouring tokens, top-k per KV head in the middle.
 
-    window=8 (not kvpress's 64): measured on SmolLM2 needle retrieval, a 64-query window spends the
-    budget on the prompt's tail and blurs the question's focus (12.5 vs 40.6-53.1 at window 8).
-    pool="max" as openvino-genai; kernel=11 (genai uses 7) was tuned on generated ruler-mini samples
-    (seeds 1 and 2, not the reported seed 0): SmolLM2 splits numbers into single digits, and a wider
-    max-pool keeps a whole number around its best-scored digit (snapkv 47 -> 69, kvcrush 51 -> 56 and
-    43 -> 43 at 25% budget, n=12 each, +-25 CI: suggestive, not conclusive). The window tokens are
-    the recent tokens, so recent_tokens >= window is required. Scores are reduced over the query heads
-    of each KV head first (head_reduce), then pooled (cheaper: Hkv rows, not Hq)."""
+    A short window (not kvpress's 64): on SmolLM2 needle retrieval a long window spends the budget on
+    the prompt's tail and blurs the question's focus. Max-pooling as openvino-genai, but wider: SmolLM2
+    splits numbers into single digits, and a wider kernel keeps a whole number around its best-scored
+    digit. The window tokens are the recent tokens, so recent_tokens >= window is required. Scores are
+    reduced over the query heads of each KV head first (head_reduce), then pooled (Hkv rows, not Hq)."""
 
     name: ClassVar[str] = "snapkv"
     score_source: ClassVar[str] = "window"
     sink_tokens: int = DEFAULT_SINK_TOKENS
     recent_tokens: int = DEFAULT_RECENT_TOKENS
-    window: int = 8
+    window: int = SNAPKV_WINDOW
     pool: str = "max"
-    kernel: int = 11
+    kernel: int = POOL_KERNEL
     head_reduce: str = "mean"
 
     def __post_init__(self) -> None:

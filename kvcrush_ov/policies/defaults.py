@@ -1,0 +1,11 @@
+"""The settings every policy (ours and the translation to openvino-genai's) starts from, in one place.
+
+Shared so that comparisons differ only in the method: protected first tokens and a short recent window
+are what made SnapKV usable on SmolLM2 (a 4-sink StreamingLLM default lost the needle; measurements in
+docs/ and the notes)."""
+
+SINK_TOKENS = 32            # first tokens always kept (attention sinks)
+RECENT_TOKENS = 64          # newest tokens always kept
+SNAPKV_WINDOW = 8           # observation window: newest queries whose attention scores the cache
+POOL_KERNEL = 11            # SnapKV max-pool width: a kept token brings its neighbours (multi-token answers)
+ACCUMULATION_WINDOW = 32    # queries scored per eviction by policies without a window of their own (H2O)
