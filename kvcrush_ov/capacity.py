@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import textwrap
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -111,7 +112,7 @@ def plot(results: dict[str, dict[str, CapacitySide]], path: Path, title: str) ->
             ax.set_xlabel("seconds")
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
