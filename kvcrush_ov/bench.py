@@ -6,13 +6,14 @@ ours/native ratios measured side by side.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .config import SchedulerConfig
 
 _WORDS = ("river stone light garden paper window morning signal number market music forest silver "
           "engine planet letter winter harbor teacher bridge summer candle mountain question").split()
@@ -35,6 +36,21 @@ class BenchResult:
     kv_bytes: int           # peak KV bytes in use (blocks held x bytes per block, all layers)
     eviction_s: float = 0.0 # time spent scoring + choosing + compacting (ours)
     eviction_share: float = 0.0  # eviction_s / seconds
+
+
+@dataclass
+class BenchConfig:
+    """What to measure: a grid of prompt lengths x concurrent requests x new tokens, per backend."""
+
+    model_dir: Path
+    scheduler: SchedulerConfig
+    device: str = "CPU"
+    backend: str = "ours"               # ours | native | compare (both, interleaved)
+    prompt_tokens: list[int] = field(default_factory=lambda: [1024])
+    concurrency: list[int] = field(default_factory=lambda: [8])
+    new_tokens: list[int] = field(default_factory=lambda: [128])
+    repeats: int = 1
+    out: Path = Path("bench.json")
 
 
 def synthetic_prompts(tokenizer, n_tokens: int, count: int, seed: int = 0) -> list[list[int]]:
@@ -79,18 +95,17 @@ def run_ours(pipe, prompts: list[list[int]], new_tokens: int) -> BenchResult:
     from .config import GenerationConfig
     engine = pipe.engine
     cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
-    evict0 = engine.evictor.stats.seconds
+    evict0 = engine.metrics().eviction_seconds
     _reset_peak_rss()
     t0 = time.perf_counter()
     seqs = [engine.add_request(p, cfg) for p in prompts]
-    peak_blocks = 0
+    peak_bytes = 0
     while engine.has_unfinished:
         engine.step()
-        peak_blocks = max(peak_blocks, engine.blocks.num_used_blocks)
+        peak_bytes = max(peak_bytes, engine.metrics().kv_bytes_used)
     t_end = time.perf_counter()
-    result = _summarize("ours", prompts, new_tokens, t0, t_end, [s.token_times for s in seqs],
-                        peak_blocks * engine.runner.layout.bytes_per_block)
-    result.eviction_s = engine.evictor.stats.seconds - evict0
+    result = _summarize("ours", prompts, new_tokens, t0, t_end, [s.token_times for s in seqs], peak_bytes)
+    result.eviction_s = engine.metrics().eviction_seconds - evict0
     result.eviction_share = result.eviction_s / result.seconds
     return result
 
@@ -120,29 +135,23 @@ def run_native(cb, prompts: list[list[int]], new_tokens: int) -> BenchResult:
     return _summarize("native", prompts, new_tokens, t0, t_end, times, max_usage / 100 * total)
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
-
-
-def run_bench(args: argparse.Namespace) -> list[BenchResult]:
+def run_bench(config: BenchConfig) -> list[BenchResult]:
     from tqdm import tqdm
 
-    from .cli import _model_dir, _scheduler_config
     from .native import to_native_scheduler
-    from .pipeline import LLMPipeline
+    from .pipeline import LLMPipeline, Tokenizer
 
-    model_dir = _model_dir(args.model)
-    sched = _scheduler_config(args)
+    sched = config.scheduler
     ours = native = None
-    if args.backend in ("ours", "compare"):
-        ours = LLMPipeline(model_dir, args.device, scheduler_config=sched)
-    if args.backend in ("native", "compare"):
+    if config.backend in ("ours", "compare"):
+        ours = LLMPipeline(config.model_dir, config.device, scheduler_config=sched)
+    if config.backend in ("native", "compare"):
         import openvino_genai as ov_genai
         sc = to_native_scheduler(sched)
         props = {"KV_CACHE_PRECISION": sched.kv_cache_precision} if sched.kv_cache_precision else {}
-        native = ov_genai.ContinuousBatchingPipeline(str(model_dir), sc, args.device, props)
-    tokenizer = (ours.tokenizer if ours else None) or __import__("kvcrush_ov.pipeline", fromlist=["Tokenizer"]).Tokenizer(model_dir)
-    grid = [(p, c, n) for p in _ints(args.prompt_tokens) for c in _ints(args.concurrency) for n in _ints(args.new_tokens)]
+        native = ov_genai.ContinuousBatchingPipeline(str(config.model_dir), sc, config.device, props)
+    tokenizer = ours.tokenizer if ours else Tokenizer(config.model_dir)
+    grid = [(p, c, n) for p in config.prompt_tokens for c in config.concurrency for n in config.new_tokens]
     results: list[BenchResult] = []
     # Warm-up (first inference compiles kernels) on both backends.
     warm = synthetic_prompts(tokenizer, 64, 1, seed=99)
@@ -150,7 +159,7 @@ def run_bench(args: argparse.Namespace) -> list[BenchResult]:
         run_ours(ours, warm, 4)
     if native:
         run_native(native, warm, 4)
-    for rep in tqdm(range(args.repeats), desc="bench", disable=args.repeats == 1):
+    for rep in tqdm(range(config.repeats), desc="bench", disable=config.repeats == 1):
         for p, c, n in grid:
             prompts = synthetic_prompts(tokenizer, p, c, seed=rep)
             if ours:
@@ -158,13 +167,15 @@ def run_bench(args: argparse.Namespace) -> list[BenchResult]:
             if native:
                 results.append(run_native(native, prompts, n))
     _print_table(results)
-    report = {"model": str(model_dir), "device": args.device, "scheduler": {
+    eviction = sched.cache_eviction_config
+    report = {"model": str(config.model_dir), "device": config.device, "scheduler": {
         "cache_size": sched.cache_size, "max_num_batched_tokens": sched.max_num_batched_tokens,
-        "kv_cache_precision": ours.engine.runner.layout.precision if ours else sched.kv_cache_precision,
-        "policy": args.policy, "budget": args.budget if args.policy != "full" else None},
+        "kv_cache_precision": ours.kv_precision if ours else sched.kv_cache_precision,
+        "policy": getattr(eviction, "policy", "full") if eviction is not None else "full",
+        "budget": getattr(eviction, "budget", None)},
         "results": [asdict(r) for r in results], "ratios": _ratios(results)}
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    Path(config.out).write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {config.out}")
     return results
 
 

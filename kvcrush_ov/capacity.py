@@ -58,7 +58,7 @@ def serve_stream(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, a
                  eviction, side: str, pattern: str) -> CapacitySide:
     """Feed requests at their arrival times (checked before each step) and step until all are done."""
     cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
-    preempt0 = engine.scheduler.num_preemptions
+    preempt0 = engine.num_preemptions
     t0 = time.perf_counter()
     seqs, pending = [], list(range(len(prompts)))
     line = {"t": [], "running": [], "decoding": [], "waiting": [], "kv_blocks": []}
@@ -87,7 +87,7 @@ def serve_stream(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, a
         max_running=max(line["running"]), max_decoding=max(line["decoding"]),
         output_tok_s=n_out / t_end, ttft_s_p50=float(np.percentile(ttft, 50)), ttft_s_p95=float(np.percentile(ttft, 95)),
         tpot_ms_p50=float(np.percentile(tpot, 50)), tpot_ms_p95=float(np.percentile(tpot, 95)),
-        preemptions=engine.scheduler.num_preemptions - preempt0, peak_kv_blocks=max(line["kv_blocks"]), timeline=line)
+        preemptions=engine.num_preemptions - preempt0, peak_kv_blocks=max(line["kv_blocks"]), timeline=line)
 
 
 def ratio(full: CapacitySide, policy: CapacitySide) -> dict:

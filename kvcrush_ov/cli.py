@@ -13,11 +13,15 @@ from .options import parse_options, parse_qualified_options
 
 
 def _model_dir(arg: str) -> Path:
-    """`--model` takes a directory or a known model name (prepared on first use)."""
-    from . import models
-    if arg in models.MODELS:
-        return models.prepare(arg)
-    return Path(arg)
+    from .models import resolve_model_dir
+    return resolve_model_dir(arg)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise KVCrushError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
 def _eviction_config(args: argparse.Namespace, policy: str | None = None, budget: int | None = None):
@@ -86,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if pipe.engine is not None:
         n = result.prompt_lengths[0]
         print(f"[{n} prompt tokens, {len(result.token_ids[0])} new tokens, peak KV "
-              f"{pipe.last_kv_bytes[0] / 2**20:.2f} MiB, policy {args.policy}]", file=sys.stderr)
+              f"{result.kv_bytes[0] / 2**20:.2f} MiB, policy {args.policy}]", file=sys.stderr)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -94,8 +98,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         from .capacity import run_capacity
         run_capacity(args)
         return
-    from .bench import run_bench
-    run_bench(args)
+    from .bench import BenchConfig, run_bench
+    run_bench(BenchConfig(_model_dir(args.model), _scheduler_config(args), device=args.device, backend=args.backend,
+                          prompt_tokens=_ints(args.prompt_tokens, "--prompt-tokens"),
+                          concurrency=_ints(args.concurrency, "--concurrency"),
+                          new_tokens=_ints(args.new_tokens, "--new-tokens"), repeats=args.repeats, out=Path(args.out)))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -144,7 +151,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
-    run_demo(args)
+    run_demo(_model_dir(args.model), args.device, _scheduler_config(args),
+             budget_fraction=args.budget_fraction)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,8 +2,11 @@
 KVCrush and with SnapKV at ~25% of the prompt as budget, printing the answers and the KV memory each held."""
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import replace
+from pathlib import Path
+
+from .config import SchedulerConfig
 
 DEMO_FACT = "The secret pass key is 48213."
 
@@ -22,23 +25,22 @@ def demo_prompt(n_paragraphs: int = 24) -> str:
     return "\n".join(paragraphs) + "\n\nWhat is the secret pass key? Answer with the number only."
 
 
-def run_demo(args: argparse.Namespace) -> None:
-    from .cli import _model_dir, _scheduler_config
+def run_demo(model_dir: Path, device: str, scheduler: SchedulerConfig, budget_fraction: float = 0.25) -> None:
+    """scheduler: the pool and batching settings; each compressed pipeline adds its eviction config."""
     from .eviction_config import CacheEvictionConfig
     from .pipeline import LLMPipeline
 
-    model_dir = _model_dir(args.model)
     prompt = demo_prompt()
-    full = LLMPipeline(model_dir, args.device, scheduler_config=_scheduler_config(args))
+    full = LLMPipeline(model_dir, device, scheduler_config=scheduler)
     n_prompt = len(full.tokenizer.prepare(prompt, True))
-    budget = max(128, int(args.budget_fraction * n_prompt) // 32 * 32)
-    compressed = [(f"{name} {budget}", LLMPipeline(model_dir, args.device, scheduler_config=_scheduler_config(
-        args, CacheEvictionConfig(name, budget=budget)))) for name in ("kvcrush", "snapkv")]
+    budget = max(128, int(budget_fraction * n_prompt) // 32 * 32)
+    compressed = [(f"{name} {budget}", LLMPipeline(model_dir, device, scheduler_config=replace(
+        scheduler, cache_eviction_config=CacheEvictionConfig(name, budget=budget)))) for name in ("kvcrush", "snapkv")]
     print(f"model: {model_dir}")
     print(f"prompt: {n_prompt} tokens, a fact buried in the middle ({DEMO_FACT!r}), the question at the end")
     for name, pipe in [("full cache", full), *compressed]:
         t0 = time.perf_counter()
         res = pipe.generate(prompt, max_new_tokens=24)
         dt = time.perf_counter() - t0
-        print(f"{name:>13} | KV held while decoding {pipe.last_kv_bytes[0] / 2**20:5.2f} MiB "
-              f"({pipe.engine.runner.layout.precision}) | {dt:5.1f} s | answer: {res.texts[0].strip()!r}")
+        print(f"{name:>13} | KV held while decoding {res.kv_bytes[0] / 2**20:5.2f} MiB "
+              f"({pipe.kv_precision}) | {dt:5.1f} s | answer: {res.texts[0].strip()!r}")

@@ -12,6 +12,8 @@ from .errors import ConfigError
 from .policies import POLICIES, Policy, make_policy
 from .policies.defaults import ACCUMULATION_WINDOW as DEFAULT_ACCUMULATION_WINDOW
 
+PREFILL_MODES = ("chunked", "after")
+
 
 @dataclass
 class CacheEvictionConfig:
@@ -24,6 +26,10 @@ class CacheEvictionConfig:
     options: dict[str, Any] = field(default_factory=dict)
     evict_during_decode: bool = True
     score_window: int = 0  # queries scored per eviction; 0 = the policy's window (or 32 if it accumulates)
+    # "chunked": the prompt is prefilled chunk by chunk and compacted between chunks, so a sequence never
+    # holds more than budget + one chunk + one block (prompts longer than the pool run); "after": the
+    # whole prompt is cached once, then evicted (scores then see the whole prompt, memory does not).
+    prefill: str = "chunked"
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1:
@@ -36,6 +42,9 @@ class CacheEvictionConfig:
                               f"got {self.policy!r}")
         if not isinstance(self.options, dict):
             raise ConfigError(f"CacheEvictionConfig.options must be a dict of policy options, got {self.options!r}")
+        if self.prefill not in PREFILL_MODES:
+            raise ConfigError(f"CacheEvictionConfig.prefill must be one of {', '.join(map(repr, PREFILL_MODES))}, "
+                              f"got {self.prefill!r}")
         if not isinstance(self.evict_during_decode, bool):
             raise ConfigError(f"CacheEvictionConfig.evict_during_decode must be True or False, "
                               f"got {self.evict_during_decode!r}")

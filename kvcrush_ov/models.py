@@ -121,6 +121,13 @@ def is_prepared(path: Path) -> bool:
 # ------------------------------------------------------------------------------------ public API
 
 
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A known model name (prepared on first use) or an IR directory, as `--model` takes them."""
+    if str(name_or_path) in MODELS:
+        return prepare(str(name_or_path))
+    return Path(name_or_path)
+
+
 def prepare(
     name: str, weight_format: str = "fp16", cache_dir: Path | None = None, force: bool = False
 ) -> Path:

@@ -21,7 +21,7 @@ from .config import GenerationConfig, SchedulerConfig
 from .engine.llm_engine import LLMEngine
 from .engine.model_runner import read_model_dir
 from .engine.sequence import FinishReason, Sequence
-from .engine_loop import EngineLoop, GenerationHandle, final_text
+from .engine_loop import EngineLoop, GenerationHandle, final_text, visible_ids
 from .errors import ConfigError, KVCrushError, ModelError, PromptError
 from .native import native_pipeline, to_native_generation
 
@@ -36,13 +36,21 @@ def _reason(e: Exception) -> str:
 
 @dataclass
 class DecodedResults:
-    """Like openvino_genai.DecodedResults: `texts`, `scores`; str() gives the text(s)."""
+    """Like openvino_genai.DecodedResults: `texts`, `scores` (cumulative log-probability of each
+    request's generated tokens); str() gives the text(s). Per request also what it cost: the KV bytes
+    it held while decoding (its peak, after eviction), its evictions and its timings."""
 
     texts: list[str]
     scores: list[float]
     token_ids: list[list[int]] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
     prompt_lengths: list[int] = field(default_factory=list)
+    kv_bytes: list[int] = field(default_factory=list)
+    evictions: list[int] = field(default_factory=list)
+    tokens_evicted: list[int] = field(default_factory=list)
+    eviction_seconds: list[float] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    latency_s: list[float] = field(default_factory=list)
 
     def __str__(self) -> str:
         return self.texts[0] if len(self.texts) == 1 else "\n".join(self.texts)
@@ -115,8 +123,6 @@ class LLMPipeline:
         # One thread steps the engine; generate() from any thread adds requests to its running batch.
         self.loop = None if self.engine is None else EngineLoop(self.engine, self.tokenizer.decode)
         self._native_lock = threading.Lock()  # openvino_genai's LLMPipeline runs one generate() at a time
-        # KV bytes each request of the last generate() held while decoding (its peak after eviction)
-        self.last_kv_bytes: list[int] = []
 
     def _default_generation_config(self, path: Path) -> GenerationConfig:
         cfg = GenerationConfig()
@@ -158,15 +164,26 @@ class LLMPipeline:
                 res = self.native.generate(prompts, to_native_generation(config))
             return DecodedResults(texts=list(res.texts), scores=list(res.scores),
                                   prompt_lengths=[len(t) for t in token_ids])
-        seqs, texts = self._run(token_ids, config, streamer, progress)
+        seqs, _ = self._run(token_ids, config, streamer, progress)
+        return self.results(seqs, config)
+
+    def results(self, seqs: list[Sequence], config: GenerationConfig) -> DecodedResults:
+        """Finished sequences -> DecodedResults (texts, scores and what each request cost)."""
         bpt = self.kv_bytes_per_token
-        self.last_kv_bytes = [int(round(s.peak_decode_cache_len * bpt)) for s in seqs]
+        end = [s.token_times[-1] if s.token_times else s.arrival for s in seqs]
         return DecodedResults(
-            texts=texts,
-            scores=[0.0] * len(seqs),
+            texts=[s.text if s.finish_reason is FinishReason.STOP and config.stop_strings and s.text
+                   else self.tokenizer.decode(visible_ids(s)) for s in seqs],
+            scores=[s.cumulative_logprob for s in seqs],
             token_ids=[s.output_ids for s in seqs],
             finish_reasons=[s.finish_reason.value for s in seqs],
             prompt_lengths=[s.num_prompt_tokens for s in seqs],
+            kv_bytes=[int(round(s.metrics.peak_decode_kv_slots * bpt)) for s in seqs],
+            evictions=[s.metrics.evictions for s in seqs],
+            tokens_evicted=[s.metrics.tokens_evicted for s in seqs],
+            eviction_seconds=[s.metrics.eviction_seconds for s in seqs],
+            ttft_s=[(s.first_token_time or s.arrival) - s.arrival for s in seqs],
+            latency_s=[e - s.arrival for s, e in zip(seqs, end)],
         )
 
     def generate_ids(self, token_ids: Iterable[list[int]], config: GenerationConfig,
@@ -231,5 +248,9 @@ class LLMPipeline:
     @property
     def kv_bytes_per_token(self) -> int:
         """KV bytes one token slot costs, all layers, scales included (our backend)."""
-        r = self.engine.runner
-        return r.bytes_per_block // r.block_size
+        return self.engine.kv_bytes_per_token
+
+    @property
+    def kv_precision(self) -> str:
+        """The KV cache precision the device compiled (our backend)."""
+        return self.engine.kv_precision

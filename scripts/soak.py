@@ -65,7 +65,7 @@ def run_round(engine: LLMEngine, requests, per_step: int, check_every: int) -> d
     pending, seqs, steps = list(requests), [], 0
     peak_blocks = 0
     t0 = time.perf_counter()
-    evictions0 = engine.evictor.stats.evictions
+    evictions0 = engine.metrics().evictions
     while pending or engine.has_unfinished:
         for _ in range(per_step):
             if pending:
@@ -73,7 +73,7 @@ def run_round(engine: LLMEngine, requests, per_step: int, check_every: int) -> d
                 seqs.append(engine.add_request(ids, GenerationConfig(max_new_tokens=new, ignore_eos=True), eviction=ev))
         engine.step()
         steps += 1
-        peak_blocks = max(peak_blocks, engine.blocks.num_used_blocks // engine.blocks.num_layers)
+        peak_blocks = max(peak_blocks, engine.metrics().kv_blocks_used)
         if steps % check_every == 0:
             engine.blocks.check_invariants()
     seconds = time.perf_counter() - t0
@@ -91,7 +91,7 @@ def run_round(engine: LLMEngine, requests, per_step: int, check_every: int) -> d
         "preempted_requests": sum(s.num_preemptions > 0 for s in seqs),
         "steps": steps, "seconds": seconds, "prompt_tokens": prompt, "generated_tokens": generated,
         "gen_tok_s": generated / seconds, "total_tok_s": (prompt + generated) / seconds,
-        "evictions": engine.evictor.stats.evictions - evictions0, "peak_blocks": peak_blocks,
+        "evictions": engine.metrics().evictions - evictions0, "peak_blocks": peak_blocks,
         "retained": retained,  # sequences the engine still references once the round is over (should be 0)
     }
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = Tokenizer(model_dir)
     engine = LLMEngine(model_dir, args.device, SchedulerConfig(
         num_kv_blocks=args.num_kv_blocks, cache_size=0, max_num_batched_tokens=args.max_num_batched_tokens),
-        enable_eviction=True)
+        enable_eviction=True, per_layer_lengths=True)
     mix = policies([int(b) for b in args.budgets.split(",") if b])
     requests = make_requests(tok, args, mix)
     bs = engine.blocks.block_size

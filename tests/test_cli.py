@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -67,4 +68,6 @@ def test_generate_and_bench_run(tmp_path, tiny_llama_dir):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert {r["backend"] for r in report["results"]} == {"ours", "native"}
-    assert report["ratios"][0]["e2e_throughput_ours_over_native"] > 0
+    by = {b: [r["e2e_tok_s"] for r in report["results"] if r["backend"] == b] for b in ("ours", "native")}
+    ratio = report["ratios"][0]["e2e_throughput_ours_over_native"]
+    assert ratio == pytest.approx(float(np.median(by["ours"]) / np.median(by["native"])))

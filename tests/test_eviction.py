@@ -44,8 +44,8 @@ def run(engine: LLMEngine) -> None:
         engine.step()
         engine.blocks.check_invariants()
         for s in engine.scheduler.seqs:  # blocks held = what the slots need, per layer
-            if s.cache_len and s.seq_id in engine.blocks.tables:
-                lens = s.layer_lens(engine.runner.num_layers)
+            if s.seq_id in engine.blocks.tables:
+                lens = engine.blocks.layer_lens(s.seq_id)
                 assert all(len(t) >= engine.blocks.blocks_for(n) for t, n in zip(engine.blocks.tables[s.seq_id], lens))
 
 
@@ -59,7 +59,7 @@ def test_budget_above_length_equals_full_cache(tiny_llama_dir, tok, policy):
     ev = make_engine(tiny_llama_dir, CacheEvictionConfig(policy, budget=len(ids) + 64, options=small_options(policy)))
     b = ev.add_request(ids, cfg)
     run(ev)
-    assert b.output_ids == a.output_ids and b.kv_state.num_evictions == 0
+    assert b.output_ids == a.output_ids and b.metrics.evictions == 0
     assert ev.blocks.num_used_blocks == 0
 
 
@@ -68,13 +68,13 @@ def step_capturing_first_eviction(e: LLMEngine) -> dict:
     captured: dict = {}
     real = e.evictor._evict
 
-    def capture(seq, plan, st):
-        captured["before"] = [e.runner.kv.read_keys(l, e.blocks.tables[seq.seq_id][l], seq.cache_len).copy()
+    def capture(seq, plan, st, *rest):
+        captured["before"] = [e.runner.kv.read_keys(l, e.blocks.tables[seq.seq_id][l], e.blocks.cache_len(seq.seq_id)).copy()
                               for l in range(e.runner.num_layers)]
         keep_mask = plan.policy.keep_mask
         object.__setattr__(plan.policy, "keep_mask", lambda stats, budget: captured.setdefault("mask", keep_mask(stats, budget)))
         try:
-            real(seq, plan, st)
+            return real(seq, plan, st, *rest)
         finally:
             object.__delattr__(plan.policy, "keep_mask")
 
@@ -93,11 +93,11 @@ def test_eviction_compacts_kept_rows_per_head(tiny_llama_dir, tok, policy):
                     max_num_batched_tokens=len(ids))  # the prompt in one chunk
     s = e.add_request(ids, GenerationConfig(max_new_tokens=2, ignore_eos=True))
     captured = step_capturing_first_eviction(e)  # prefill + eviction
-    assert s.cache_len == 48 and s.kv_state.tokens_evicted == len(ids) - 48
+    assert e.blocks.cache_len(s.seq_id) == 48 and s.metrics.tokens_evicted == len(ids) - 48
     mask = captured["mask"]
     assert mask.shape == (e.runner.num_layers, e.runner.num_kv_heads, len(ids))
     for layer, before in enumerate(captured["before"]):
-        after = e.runner.kv.read_keys(layer, e.blocks.tables[s.seq_id][layer], s.cache_len)
+        after = e.runner.kv.read_keys(layer, e.blocks.tables[s.seq_id][layer], e.blocks.cache_len(s.seq_id))
         for h in range(e.runner.num_kv_heads):
             np.testing.assert_array_equal(after[h], before[h][mask[layer, h]])
         assert len(e.blocks.tables[s.seq_id][layer]) == e.blocks.blocks_for(48)
@@ -122,7 +122,7 @@ def test_generation_after_eviction_matches_masked_hf_reference(tok):
     run_model = e.runner.run
     e.runner.run = lambda chunks, blocks: logits.append(run_model(chunks, blocks)[0].astype(np.float64)) or logits[-1][None]
     run(e)
-    assert s.kv_state.num_evictions == 1 and len(logits) == 4
+    assert s.metrics.evictions == 1 and len(logits) == 4
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir("tiny-llama"), dtype=torch.float32,
                                                            attn_implementation="eager").eval()
     n = len(ids)
@@ -150,10 +150,10 @@ def test_decode_time_eviction_keeps_cache_within_budget(tiny_llama_dir, tok):
     peak = 0
     while e.has_unfinished:
         e.step()
-        peak = max(peak, s.cache_len)
+        peak = max(peak, e.blocks.cache_len(s.seq_id))
         e.blocks.check_invariants()
     assert s.num_generated == 120
-    assert peak < 40 + e.runner.block_size and s.kv_state.num_evictions >= 3
+    assert peak < 40 + e.runner.block_size and s.metrics.evictions >= 3
     assert e.blocks.num_used_blocks == 0
 
 
@@ -168,12 +168,12 @@ def test_fork_fans_one_prefill_out_to_policies(tiny_llama_dir, tok):
         run(e)
         alone[name] = s.output_ids
     e = make_engine(tiny_llama_dir)
-    parent = e.add_request(ids, cfg)
+    parent = e.add_request(ids, cfg, query_window=max(ev.window for ev in configs.values()))
     while parent.num_generated == 0:
         e.step()
     children = {name: e.fork(parent, cfg, ev) for name, ev in configs.items()}
     e.blocks.check_invariants()
-    assert all(c.cache_len == 48 for c in children.values())
+    assert all(e.blocks.cache_len(c.seq_id) == 48 for c in children.values())
     run(e)
     assert {n: c.output_ids for n, c in children.items()} == alone
     full = make_engine(tiny_llama_dir)
@@ -224,16 +224,19 @@ def test_pyramidkv_holds_different_lengths_per_layer(tiny_llama_dir, tok):
     cfg = GenerationConfig(max_new_tokens=70, ignore_eos=True)
     e = make_engine(tiny_llama_dir, CacheEvictionConfig("pyramidkv", budget=48, options=small_options("pyramidkv")))
     s = e.add_request(ids, cfg)
-    while s.kv_state is None or s.kv_state.num_evictions == 0:
+    while s.metrics.evictions == 0:
         e.step()
-    lens = s.layer_lens(e.runner.num_layers)
+    lens = e.blocks.layer_lens(s.seq_id)
     assert lens[0] > lens[-1] and lens.sum() == 48 * e.runner.num_layers  # equal memory, pyramid shape
     assert [len(t) for t in e.blocks.tables[s.seq_id]] == [e.blocks.blocks_for(n) for n in lens]
-    run(e)  # decoding continues with per-layer past_lens and evicts per layer again
-    assert s.num_generated == 70 and s.kv_state.num_evictions >= 2
+    while s.num_generated < 69:  # decoding continues with per-layer past_lens and evicts per layer again
+        e.step()
+        e.blocks.check_invariants()
+    assert (e.blocks.layer_lens(s.seq_id) < e.evictor.state(s).targets + e.runner.block_size).all()
+    run(e)
+    assert s.num_generated == 70 and s.metrics.evictions >= 2
     # memory reported is the mean over layers: the budget (+ growth), not the largest layer
-    assert s.peak_decode_cache_len < 48 + e.runner.block_size < lens[0] + e.runner.block_size
-    assert (s.layer_lens(e.runner.num_layers) < s.kv_state.targets + e.runner.block_size).all()
+    assert s.metrics.peak_decode_kv_slots < 48 + e.runner.block_size < lens[0] + e.runner.block_size
     assert e.blocks.num_used_blocks == 0
 
 
@@ -248,7 +251,7 @@ def test_eviction_on_quantized_and_half_caches(tiny_llama_dir, tok, precision):
     assert e.runner.layout.precision == precision and e.runner.layout.token_rows
     s = e.add_request(ids, GenerationConfig(max_new_tokens=40, ignore_eos=True))
     before = step_capturing_first_eviction(e)
-    after = e.runner.kv.read_keys(0, e.blocks.tables[s.seq_id][0], s.cache_len)
+    after = e.runner.kv.read_keys(0, e.blocks.tables[s.seq_id][0], e.blocks.cache_len(s.seq_id))
     for h in range(e.runner.num_kv_heads):
         np.testing.assert_array_equal(after[h], before["before"][0][h][before["mask"][0, h]])
     run(e)

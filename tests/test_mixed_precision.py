@@ -1,4 +1,4 @@
-"""Token-level mixed precision (transforms/mixed_precision.py): the merged attention of float pivotal
+"""Token-level mixed precision (scripts/mixed_precision/graph_pass.py, a prototype not shipped): the merged attention of float pivotal
 tokens (paged pool) and u8 representatives (our second cache) against a numpy reference that
 concatenates the float keys/values with the dequantized representatives and takes one softmax per
 head. tiny-llama fp32 IR, f32 inference, f32 KV pool; prefill, decode, and a 3-token chunk (causal)."""
@@ -9,8 +9,13 @@ import openvino as ov
 import openvino.opset13 as ops
 import pytest
 
+import sys
+from pathlib import Path
+
 from kvcrush_ov import transforms
-from kvcrush_ov.transforms.mixed_precision import (add_representative_attention, bytes_per_token, dequantize_rows,
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "mixed_precision"))
+from graph_pass import (add_representative_attention, bytes_per_token, dequantize_rows,
                                                    quantize_rows, single_sequence_inputs)
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": ov.Type.f32}

@@ -38,16 +38,17 @@ def tiny() -> str:
     return str(prepare("tiny-llama"))
 
 
-def eviction(policy: str | None, budget: int = 48) -> CacheEvictionConfig | None:
+def eviction(policy: str | None, budget: int = 48, prefill: str = "chunked") -> CacheEvictionConfig | None:
     if policy is None:
         return None
     options = dict(SMALL, **({} if policy == "streaming" else {"window": 8}))
-    return CacheEvictionConfig(policy, budget=budget, options=options)
+    return CacheEvictionConfig(policy, budget=budget, options=options, prefill=prefill)
 
 
 def engine(**sched) -> LLMEngine:
     """f32 compute and KV: outputs do not depend on how requests are batched or chunked."""
-    return LLMEngine(tiny(), "CPU", SchedulerConfig(**{"cache_size": 0.05, **sched}), F32, enable_eviction=True)
+    return LLMEngine(tiny(), "CPU", SchedulerConfig(**{"cache_size": 0.05, **sched}), F32, enable_eviction=True,
+                     per_layer_lengths=True)  # requests may ask for PyramidKV
 
 
 def random_requests(n: int, lengths: tuple[int, int], new: tuple[int, int], seed: int) -> list[tuple[list[int], int]]:
@@ -79,7 +80,7 @@ def watch_preemptions(e: LLMEngine) -> list[dict]:
                       and s not in scheduled and s not in out.preempted]
         assert seq is max(candidates, key=lambda s: s.arrival)
         assert all(s.arrival < seq.arrival for s in scheduled)
-        log.append({"seq": seq, "evicted": bool(seq.kv_state and seq.kv_state.num_evictions),
+        log.append({"seq": seq, "evicted": seq.metrics.evictions > 0,
                     "generated": seq.num_generated})
         real(seq, out)
 
@@ -123,14 +124,14 @@ def test_small_pool_with_eviction_counts_budgets_and_matches_unconstrained():
     prompt once, then budget + one block. Every request completes; outputs equal the unconstrained
     run except for a request preempted after it had evicted (recompute evicts again from a
     different cache: a valid but possibly different continuation, see docs/robustness.md)."""
-    reqs = [(ids, new, eviction(EVICTING[i % 4])) for i, (ids, new) in
+    reqs = [(ids, new, eviction(EVICTING[i % 4], prefill="after")) for i, (ids, new) in  # whole prompts: preemptions
             enumerate(random_requests(11, (60, 200), (8, 60), seed=2) + random_requests(1, (230, 231), (60, 61), 3))]
     small = engine(num_kv_blocks=8, cache_size=0, max_num_batched_tokens=64)
     too_big = [r for r in reqs if small.blocks.blocks_for(len(r[0]) + r[1]) > small.blocks.num_blocks]
     assert too_big
     with pytest.raises(CacheCapacityError):
         small.add_request(too_big[0][0], GenerationConfig(max_new_tokens=too_big[0][1]), eviction=None)
-    ref = serve(engine(), reqs, per_step=len(reqs))
+    ref = serve(engine(max_num_batched_tokens=64), reqs, per_step=len(reqs))  # the same prefill chunk
     log = watch_preemptions(small)
     got = serve(small, reqs, per_step=2)
     assert len(log) > 0
@@ -141,17 +142,17 @@ def test_small_pool_with_eviction_counts_budgets_and_matches_unconstrained():
     bs = small.blocks.block_size
     for s in got:  # while decoding, a sequence held at most its budget + one block (per layer on average)
         if s.eviction.policy.name != "pyramidkv":
-            assert s.peak_decode_cache_len < s.eviction.budget + bs
+            assert s.metrics.peak_decode_kv_slots < s.eviction.budget + bs
     assert small.blocks.num_used_blocks == 0 and not small.blocks.tables
 
 
 @pytest.mark.parametrize("policy", [None, "streaming"])
 def test_capacity_boundary_at_add_request(policy):
-    """4 blocks = 128 slots. Full cache: prompt + max_new_tokens must fit. Eviction: the prompt (+1)
-    must fit once and budget + one block after that. One past the boundary raises
+    """4 blocks = 128 slots. Full cache: prompt + max_new_tokens must fit. Eviction after prefill: the
+    prompt (+1) must fit once and budget + one block after that. One past the boundary raises
     CacheCapacityError and leaves the engine untouched; the boundary request runs alone to the end."""
     e = engine(num_kv_blocks=4, cache_size=0, max_num_batched_tokens=64)
-    ev = eviction(policy)
+    ev = eviction(policy, prefill="after")
     fits, over = ((100, 28), (100, 29)) if policy is None else ((127, 300), (128, 300))
     ids = list(range(5, 5 + over[0]))
     with pytest.raises(CacheCapacityError, match="KV blocks") as err:
@@ -165,6 +166,44 @@ def test_capacity_boundary_at_add_request(policy):
         steps += 1
         assert steps < 1000
     assert s.num_generated == fits[1] and s.num_preemptions == 0 and e.blocks.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("policy", EVICTING)
+def test_chunked_prefill_runs_a_prompt_longer_than_the_pool(policy):
+    """4 blocks = 128 slots, budget 48: a 700-token prompt never holds more than budget + one chunk +
+    one block, and its outputs do not depend on how the scheduler batched it."""
+    ids = np.random.default_rng(5).integers(3, 40000, size=700).tolist()
+    runs = []
+    for sched, per_step in (({"num_kv_blocks": 4, "cache_size": 0, "max_num_batched_tokens": 40}, 1),
+                            ({"max_num_batched_tokens": 40}, 3)):
+        e = engine(**sched)
+        seqs = [e.add_request(ids, GenerationConfig(max_new_tokens=20), eviction=eviction(policy))
+                for _ in range(per_step)]
+        peak = 0
+        while e.has_unfinished:
+            e.step()
+            e.blocks.check_invariants()
+            peak = max([peak] + [e.blocks.cache_len(s.seq_id) for s in seqs if not s.is_finished])
+        assert peak <= 48 + 40 + e.blocks.block_size and e.blocks.num_used_blocks == 0
+        assert all(s.num_generated == 20 and s.metrics.evictions >= 700 // 40 for s in seqs)
+        runs.append([s.output_ids for s in seqs])
+    assert runs[0][0] == runs[1][0] == runs[1][2]
+
+
+def test_budget_that_leaves_no_room_for_a_chunk_is_refused():
+    e = engine(num_kv_blocks=4, cache_size=0, max_num_batched_tokens=64)
+    with pytest.raises(ConfigError) as err:
+        e.add_request([5, 6, 7], GenerationConfig(max_new_tokens=2), eviction=eviction("snapkv", 90))
+    assert_one_line(err.value, "budget 90")
+    assert "128" in str(err.value) and not e.sequences
+
+
+def test_full_cache_request_longer_than_the_pool_suggests_a_budget():
+    e = engine(num_kv_blocks=16, cache_size=0)
+    with pytest.raises(CacheCapacityError) as err:
+        e.add_request(list(range(5, 905)), GenerationConfig(max_new_tokens=8), eviction=None)
+    assert_one_line(err.value, "budget")
+    assert "--policy kvcrush --budget" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,7 +250,7 @@ class BlockAccounting(RuleBasedStateMachine):
                 self.e.add_request(ids, GenerationConfig(max_new_tokens=new), eviction=ev)
             assert self.e.blocks.tables == before
             return
-        s = self.e.add_request(ids, GenerationConfig(max_new_tokens=new), eviction=ev)
+        s = self.e.add_request(ids, GenerationConfig(max_new_tokens=new), eviction=ev, query_window=32)
         self.seqs.append(s)
         self.root[s.seq_id] = s.seq_id
 
@@ -245,7 +284,7 @@ class BlockAccounting(RuleBasedStateMachine):
         ev = eviction(policy, budget)
         cfg = GenerationConfig(max_new_tokens=parent.num_generated + new)
         refused = None
-        if ev is not None and parent.kv_state is not None and parent.kv_state.targets is not None \
+        if ev is not None and self.e.evictor.state(parent).targets is not None \
                 and self.e.evictor.plan(ev) != parent.eviction:  # would inherit the parent's eviction targets
             refused = KVCrushError
         elif not self._fits(parent.num_prompt_tokens, cfg.max_new_tokens, ev):
@@ -275,8 +314,8 @@ class BlockAccounting(RuleBasedStateMachine):
         for s in self.seqs:
             if s.is_finished or s.status is Status.WAITING:
                 assert s.seq_id not in b.tables
-            elif s.cache_len:
-                lens = s.layer_lens(b.num_layers)
+            else:
+                lens = b.layer_lens(s.seq_id)
                 assert all(len(t) >= b.blocks_for(int(n)) for t, n in zip(b.tables[s.seq_id], lens))
 
     def teardown(self):
@@ -328,11 +367,12 @@ def test_scoring_fork_of_a_streaming_parent():
     """Regression (state machine): a SnapKV child of a streaming parent that had not evicted yet had no
     queries to score with and crashed on its first eviction."""
     e = engine(num_kv_blocks=8, cache_size=0, max_num_batched_tokens=48)
-    parent = e.add_request(list(range(5, 63)), GenerationConfig(max_new_tokens=5), eviction=eviction("streaming", 64))
+    parent = e.add_request(list(range(5, 63)), GenerationConfig(max_new_tokens=5), eviction=eviction("streaming", 64),
+                           query_window=8)  # its SnapKV fork scores 8 queries
     while parent.num_generated == 0:
         e.step()
     child = e.fork(parent, GenerationConfig(max_new_tokens=5), eviction("snapkv", 40))
-    assert child.kv_state.num_evictions == 1 and child.cache_len == 40
+    assert child.metrics.evictions == 1 and e.blocks.cache_len(child.seq_id) == 40
     while e.has_unfinished:
         e.step()
     assert child.num_generated == 5 and e.blocks.num_used_blocks == 0

@@ -50,7 +50,7 @@ def check_against_hf(model_dir, hf_name: str, prompts: list[str]) -> float:
             ids = seq.token_ids[:seq.num_computed]
             ref = _hf_window_probs(hf, ids)
             for layer in range(engine.runner.num_layers):
-                keys = engine.runner.kv.read_keys(layer, engine.blocks.tables[seq.seq_id][layer], seq.cache_len)
+                keys = engine.runner.kv.read_keys(layer, engine.blocks.tables[seq.seq_id][layer], engine.blocks.cache_len(seq.seq_id))
                 ours = window_probabilities(st.queries[layer], keys, engine.runner.softmax_scales[layer])
                 worst = max(worst, float(np.abs(ours - ref[layer]).max()))
     for s in seqs:

@@ -66,8 +66,10 @@ def test_greedy_matches_openvino_genai_token_for_token(smollm2_dir):
     batched = [s.output_ids for s in pipe.generate_ids(prompts, cfg)]
     mismatches = [(i, lengths[i]) for i in range(len(prompts)) if batched[i] != ref[i]]
     assert not mismatches, f"batched outputs differ from openvino-genai for (index, prompt length) {mismatches}"
-    for i in (0, 9, 19):  # single requests, short to long
-        assert pipe.generate_ids([prompts[i]], cfg)[0].output_ids == ref[i], f"single prompt {i} ({lengths[i]} tokens)"
+    for i in (0, 9, 19):  # single requests, short to long, against openvino-genai run the same way (a
+        # request alone is chunked differently from one in a batch, which moves bf16 results by an ulp)
+        single = native_outputs(smollm2_dir, [prompts[i]], 24)[0]
+        assert pipe.generate_ids([prompts[i]], cfg)[0].output_ids == single, f"single prompt {i} ({lengths[i]} tokens)"
     assert pipe.engine.blocks.num_used_blocks == 0
 
 

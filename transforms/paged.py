@@ -35,7 +35,7 @@ def make_paged_model(model: ov.Model, *, score_outputs: bool = True, gather_logi
         model,
         use_block_indices_inputs=True,
         use_score_outputs=score_outputs,
-        allow_score_aggregation=True,
+        allow_score_aggregation=True,  # as openvino-genai compiles it (same kernels, same numerics)
     )
     model.validate_nodes_and_infer_types()
     gathered = gather_logits and gather_logits_before_lm_head(model)

@@ -1,4 +1,5 @@
-"""Owns WHERE KV lives: a pool of physical blocks per layer and each sequence's per-layer block table.
+"""Owns WHERE KV lives: a pool of physical blocks per layer, each sequence's per-layer block table and
+how many slots of it each layer holds (its per-layer length). Nothing else writes these.
 
 Each layer has its own pool (its own key_cache.N/value_cache.N tensors), so after eviction layers may
 hold different numbers of slots (PyramidKV). Blocks are reference-counted so a forked sequence shares
@@ -20,6 +21,7 @@ class BlockManager:
         self._free: list[list[int]] = [list(range(num_blocks - 1, -1, -1)) for _ in range(num_layers)]
         self._ref = np.zeros((num_layers, num_blocks), dtype=np.int32)
         self.tables: dict[int, list[list[int]]] = {}
+        self._lens: dict[int, np.ndarray] = {}  # [L] KV slots each layer of a sequence holds
 
     # -- queries -------------------------------------------------------------------------------
     def blocks_for(self, num_slots: int) -> int:
@@ -38,21 +40,38 @@ class BlockManager:
     def table(self, seq_id: int, layer: int) -> list[int]:
         return self.tables[seq_id][layer]
 
-    def num_new_blocks(self, seq_id: int, num_slots: int) -> int:
-        """Blocks still to allocate (per layer, the max) so that the sequence holds num_slots slots,
-        counting the private copy allocate() makes of a last block shared with a fork."""
-        tables = self.tables.get(seq_id)
-        if not tables:
-            return self.blocks_for(num_slots)
-        return max(max(0, self.blocks_for(num_slots) - len(t)) + self._copies_last(layer, t, num_slots)
-                   for layer, t in enumerate(tables))
+    def layer_lens(self, seq_id: int) -> np.ndarray:
+        """int [L]: KV slots each layer of the sequence holds (zeros for a sequence holding no blocks)."""
+        lens = self._lens.get(seq_id)
+        return np.zeros(self.num_layers, dtype=np.int64) if lens is None else lens.copy()
+
+    def cache_len(self, seq_id: int) -> int:
+        """KV slots the sequence holds in its longest layer."""
+        lens = self._lens.get(seq_id)
+        return 0 if lens is None else int(lens.max())
+
+    def is_uneven(self, seq_id: int) -> bool:
+        """Whether the sequence's layers hold different lengths (after a per-layer eviction)."""
+        lens = self._lens.get(seq_id)
+        return lens is not None and bool((lens != lens[0]).any())
+
+    def num_new_blocks(self, seq_id: int, num_slots: int | np.ndarray) -> np.ndarray:
+        """int [L]: blocks each layer must still allocate so that the sequence holds num_slots slots
+        there (int, or per layer), counting the private copy allocate() makes of a last block shared
+        with a fork."""
+        slots = np.broadcast_to(np.asarray(num_slots, dtype=np.int64), (self.num_layers,))
+        tables = self.tables.get(seq_id) or [[] for _ in range(self.num_layers)]
+        return np.array([max(0, self.blocks_for(int(n)) - len(t)) + self._copies_last(layer, t, int(n))
+                         for layer, (t, n) in enumerate(zip(tables, slots))])
 
     def _copies_last(self, layer: int, table: list[int], num_slots: int) -> int:
         """1 if allocate() must copy the table's last block first (shared copy-on-write), else 0."""
         return int(bool(table) and num_slots > 0 and self._ref[layer, table[-1]] > 1)
 
-    def can_hold(self, seq_id: int, num_slots: int) -> bool:
-        return self.num_new_blocks(seq_id, num_slots) <= self.num_free_blocks
+    def can_hold(self, seq_id: int, num_slots: int | np.ndarray) -> bool:
+        """Whether every layer has the free blocks to hold num_slots slots (int, or per layer)."""
+        free = np.array([len(f) for f in self._free])
+        return bool((self.num_new_blocks(seq_id, num_slots) <= free).all())
 
     # -- mutations ------------------------------------------------------------------------------
     def allocate(self, seq_id: int, num_slots: int | np.ndarray) -> list[tuple[int, int, int]]:
@@ -63,6 +82,7 @@ class BlockManager:
         The caller (model runner) copies the block contents.
         """
         tables = self.tables.setdefault(seq_id, [[] for _ in range(self.num_layers)])
+        self._lens.setdefault(seq_id, np.zeros(self.num_layers, dtype=np.int64))
         slots = np.broadcast_to(np.asarray(num_slots), (self.num_layers,))
         copies: list[tuple[int, int, int]] = []
         for layer, table in enumerate(tables):
@@ -82,6 +102,14 @@ class BlockManager:
                 self._ref[layer, block] = 1
                 table.append(block)
         return copies
+
+    def commit(self, seq_id: int, num_tokens: int) -> None:
+        """The model wrote num_tokens new slots into every layer of the sequence (after allocate)."""
+        lens = self._lens[seq_id]
+        lens += num_tokens
+        held = np.array([len(t) for t in self.tables[seq_id]]) * self.block_size
+        if (lens > held).any():
+            raise KVCrushError(f"sequence {seq_id} wrote past its allocated blocks")
 
     def can_make_private(self, seq_id: int, num_slots: int) -> bool:
         """Whether make_private(seq_id, num_slots) finds a free block for every block it must copy."""
@@ -107,7 +135,9 @@ class BlockManager:
         return copies
 
     def trim(self, seq_id: int, num_slots_per_layer: np.ndarray | list[int]) -> None:
-        """After compaction: release the tail blocks a layer no longer needs."""
+        """After compaction: each layer now holds num_slots_per_layer[layer] slots; release the tail
+        blocks a layer no longer needs."""
+        self._lens[seq_id] = np.asarray(num_slots_per_layer, dtype=np.int64).copy()
         for layer, (table, n) in enumerate(zip(self.tables[seq_id], num_slots_per_layer)):
             keep = self.blocks_for(int(n))
             for block in table[keep:]:
@@ -120,11 +150,13 @@ class BlockManager:
             raise KVCrushError(f"sequence {child_id} already has blocks")
         parent = self.tables[parent_id]
         self.tables[child_id] = [list(t) for t in parent]
+        self._lens[child_id] = self._lens[parent_id].copy()
         for layer, table in enumerate(parent):
             self._ref[layer, table] += 1
 
     def free(self, seq_id: int) -> None:
         """Return every block of the sequence (no-op if it holds none)."""
+        self._lens.pop(seq_id, None)
         for layer, table in enumerate(self.tables.pop(seq_id, [])):
             for block in table:
                 self._release(layer, block)
@@ -138,7 +170,13 @@ class BlockManager:
             self._free[layer].append(block)
 
     def check_invariants(self) -> None:
-        """Ref counts equal the number of tables holding each block; free lists hold exactly the rest."""
+        """Ref counts equal the number of tables holding each block; free lists hold exactly the rest;
+        every sequence's blocks hold its per-layer lengths."""
+        if set(self._lens) != set(self.tables):
+            raise AssertionError("per-layer lengths and block tables name different sequences")
+        for seq_id, tables in self.tables.items():
+            if any(len(t) < self.blocks_for(int(n)) for t, n in zip(tables, self._lens[seq_id])):
+                raise AssertionError(f"sequence {seq_id} holds more slots than its blocks")
         expected = np.zeros_like(self._ref)
         for tables in self.tables.values():
             for layer, table in enumerate(tables):

@@ -1,22 +1,25 @@
 """Decides WHAT STAYS: when a sequence outgrows its budget, ask the policy for keep-sets and compact.
 
 Flow per step (called by the engine after the model ran):
-  observe(chunks)   keep each sequence's newest W post-RoPE queries per layer (a small ring buffer)
+  observe(chunks)   keep the newest W post-RoPE queries per layer of each sequence that may be scored
+                    (its own plan's window, or the window its forks will need)
   maybe_evict(seq)  when the prompt is done and the cache holds more than the budget (and later, during
                     decoding, each time it has grown a block past it): score the W queries against the
                     cached keys per head, ask the policy, move kept slots to the front, free the tail.
-Policies see only numpy arrays (AttentionStats); this file is the only bridge to the KV tensors.
+Policies see only numpy arrays (AttentionStats) and own whatever state they carry between evictions;
+this file is the only bridge to the KV tensors and the only writer of eviction state.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from ..errors import ConfigError
-from ..eviction_config import DEFAULT_ACCUMULATION_WINDOW, CacheEvictionConfig
+from ..errors import ConfigError, KVCrushError
+from ..eviction_config import CacheEvictionConfig
 from ..policies import AttentionStats, Policy
 from .attention_scores import window_scores
 from .block_manager import BlockManager
@@ -36,10 +39,13 @@ class EvictionPlan:
     budget: int
     window: int               # newest queries scored per head at each eviction (0: no scores needed)
     during_decode: bool
+    during_prefill: bool      # compact between prompt chunks (memory-bounded prefill)
+    prefill_chunk: int = 0    # prompt tokens added between two such compactions (resolved by Evictor.plan)
 
     @classmethod
     def from_config(cls, config: CacheEvictionConfig) -> "EvictionPlan":
-        return cls(config.make_policy(), config.budget, config.window, config.evict_during_decode)
+        return cls(config.make_policy(), config.budget, config.window, config.evict_during_decode,
+                   config.prefill == "chunked")
 
 
 @dataclass
@@ -47,37 +53,44 @@ class EvictionState:
     """Per sequence; dropped when the sequence is preempted (it will be prefilled again)."""
 
     queries: np.ndarray | None = None       # [L, <=W, Hq, hd], newest last
-    accumulated: np.ndarray | None = None   # [L, Hq, slots] for accumulating policies (H2O)
+    policy_state: Any = None                # what the policy carries between evictions (H2O: its sums)
     targets: np.ndarray | None = None       # [L] slots each layer keeps, set by the first eviction
-    num_evictions: int = 0
-    tokens_evicted: int = 0
-    seconds: float = 0.0
+    scored_prompt_end: bool = False         # an eviction has used the window at the prompt's end
 
     def copy(self) -> "EvictionState":
-        return replace(self, queries=None if self.queries is None else self.queries.copy(),
-                       accumulated=None if self.accumulated is None else self.accumulated.copy())
+        return replace(self, queries=None if self.queries is None else self.queries.copy())
 
 
 @dataclass
 class EvictionStats:
     evictions: int = 0
+    tokens_evicted: int = 0
     seconds: float = 0.0
-    tokens_evicted: int = 0  # KV slots freed, per layer on average (summed over sequences)
 
 
 class Evictor:
-    def __init__(self, runner: ModelRunner, blocks: BlockManager) -> None:
+    def __init__(self, runner: ModelRunner, blocks: BlockManager, max_prefill_chunk: int) -> None:
+        """max_prefill_chunk: the most prompt tokens a step feeds (the scheduler's token budget)."""
         self.runner = runner
         self.blocks = blocks
+        self.max_prefill_chunk = max_prefill_chunk
         self.stats = EvictionStats()
+        self._states: dict[int, EvictionState] = {}
 
     def plan(self, config: CacheEvictionConfig) -> EvictionPlan:
         """Validate a config against this engine (pool, context, cache precision) and resolve it."""
         plan = EvictionPlan.from_config(config)
-        bs = self.runner.block_size
-        if plan.budget + bs > self.blocks.num_blocks * bs:
+        bs, pool = self.runner.block_size, self.blocks.num_blocks * self.runner.block_size
+        if plan.budget + bs > pool:
             raise ConfigError(f"eviction budget {plan.budget} (+ one block of growth) does not fit the KV pool of "
-                              f"{self.blocks.num_blocks} blocks; lower the budget or raise cache_size")
+                              f"{self.blocks.num_blocks} blocks ({pool} tokens); lower the budget or raise cache_size")
+        # Memory-bounded prefill adds this many prompt tokens between compactions: budget + chunk + one
+        # block must fit the pool.
+        plan = replace(plan, prefill_chunk=max(0, min(self.max_prefill_chunk, pool - plan.budget - bs)))
+        if plan.during_prefill and plan.prefill_chunk < bs:
+            raise ConfigError(f"eviction budget {plan.budget} leaves no room for a prompt chunk in a KV pool of "
+                              f"{pool} tokens: budget + one chunk + one block ({bs}) must fit; use a budget of at "
+                              f"most {pool - 2 * bs} or a larger pool")
         if self.runner.max_position and plan.budget > self.runner.max_position:
             raise ConfigError(f"eviction budget {plan.budget} exceeds the model's context ({self.runner.max_position} "
                               f"tokens); use a budget below it")
@@ -86,26 +99,39 @@ class Evictor:
                 raise ConfigError("this engine was built without eviction support; pass a cache_eviction_config "
                                   "in SchedulerConfig (or enable_eviction=True) when creating it")
             self.runner.kv.require_token_rows("eviction with attention scores")
+        if plan.policy.per_layer_budgets and not self.runner.per_layer_lengths:
+            raise ConfigError(f"policy {plan.policy.name!r} keeps different lengths per layer; build the engine "
+                              f"with it as the default policy (or per_layer_lengths=True) to use it per request")
         return plan
 
-    @staticmethod
-    def state(seq: Sequence) -> EvictionState:
-        if seq.kv_state is None:
-            seq.kv_state = EvictionState()
-        return seq.kv_state
+    # -- the state it owns ---------------------------------------------------------------------------
+    def state(self, seq: Sequence) -> EvictionState:
+        return self._states.setdefault(seq.seq_id, EvictionState())
+
+    def has_evicted(self, seq: Sequence) -> bool:
+        """Whether the sequence has evicted since it was last (pre)filled (its targets are set)."""
+        st = self._states.get(seq.seq_id)
+        return st is not None and st.targets is not None
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """The child starts from the parent's observed queries and targets."""
+        if parent.seq_id in self._states:
+            self._states[child.seq_id] = self._states[parent.seq_id].copy()
+
+    def drop(self, seq: Sequence) -> None:
+        """Forget a sequence's state (preempted: it will be prefilled again; or finished)."""
+        self._states.pop(seq.seq_id, None)
 
     # -- every step --------------------------------------------------------------------------------
     def observe(self, chunks: list[ScheduledChunk]) -> None:
-        """Keep the newest W queries of each scheduled sequence that may evict."""
+        """Keep the newest W queries of each scheduled sequence that may be scored."""
         if not self.runner.softmax_scales:
             return  # built without query outputs: no sequence can evict with scores
         per_layer = None
         begin = 0
         for c in chunks:
             end = begin + c.num_tokens
-            # Full-cache and score-free (streaming) sequences keep queries too: a fork of them may evict
-            # with a policy that scores (fan-out evaluation).
-            window = (c.seq.eviction.window if c.seq.eviction is not None else 0) or DEFAULT_ACCUMULATION_WINDOW
+            window = c.seq.query_window
             if window:
                 if per_layer is None:
                     per_layer = [self.runner.queries(layer) for layer in range(self.runner.num_layers)]
@@ -115,92 +141,89 @@ class Evictor:
             begin = end
 
     def maybe_evict(self, seq: Sequence) -> bool:
+        """Evict if the sequence has outgrown its budget: during a chunked prefill each time it holds
+        budget + prefill_chunk slots, at the prompt's end (always, so the final keep-set is scored by the
+        prompt's own last queries, where the question usually is), then each time decoding has grown a
+        layer a block past its target."""
         plan = seq.eviction
-        if plan is None or seq.is_finished or seq.num_computed < seq.num_prompt_tokens:
-            return False  # never during prefill: the prompt's own window decides
+        prompt_done = seq.num_computed >= seq.num_prompt_tokens
+        if plan is None or seq.is_finished or not (prompt_done or plan.during_prefill):
+            return False
         st = self.state(seq)
-        if st.targets is None:
-            over = seq.cache_len > plan.budget
-        else:  # during decoding, a block's worth past its target in any layer
-            over = plan.during_decode and bool(
-                (seq.layer_lens(self.runner.num_layers) >= st.targets + self.runner.block_size).any())
+        lens = self.blocks.layer_lens(seq.seq_id)
+        if not prompt_done:  # every prefill_chunk tokens past the budget: at fixed prompt positions, so the
+            over = int(lens.max()) >= plan.budget + plan.prefill_chunk  # result does not depend on batching
+        elif st.targets is None:
+            over = int(lens.max()) > plan.budget
+        elif not st.scored_prompt_end:
+            over = bool((lens > st.targets).any())
+        else:  # a block's worth past its target in any layer
+            over = plan.during_decode and bool((lens >= st.targets + self.runner.block_size).any())
         if not over:
             return False
         # Compaction first gives the sequence private copies of blocks it shares with a fork; when the
         # pool has no room for them, wait (retried every step; the scheduler preempts to free blocks).
-        keep = st.targets if seq.layer_offsets is not None else plan.policy.layer_budgets(
-            self.runner.num_layers, plan.budget, seq.cache_len)
+        uneven = self.blocks.is_uneven(seq.seq_id)
+        keep = st.targets if uneven else plan.policy.layer_budgets(self.runner.num_layers, plan.budget, int(lens.max()))
         if not self.blocks.can_make_private(seq.seq_id, int(np.max(keep))):
             return False
         t0 = time.perf_counter()
         # Many small matmuls: multi-threaded OpenBLAS contends with OpenVINO's threads (measured 70 ms
         # vs 2.5 ms single-threaded for one layer's scores at 4k tokens).
         with _BLAS.limit(limits=1, user_api="blas"):
-            self._evict(seq, plan, st)
+            evicted = self._evict(seq, plan, st, lens, uneven)
         dt = time.perf_counter() - t0
-        st.seconds += dt
-        self.stats.seconds += dt
+        seq.metrics.evictions += 1
+        seq.metrics.tokens_evicted += evicted
+        seq.metrics.eviction_seconds += dt
         self.stats.evictions += 1
+        self.stats.tokens_evicted += evicted
+        self.stats.seconds += dt
         return True
 
     # -- one eviction ------------------------------------------------------------------------------
-    def _scores(self, seq: Sequence, plan: EvictionPlan, st: EvictionState) -> np.ndarray:
-        L, T = self.runner.num_layers, seq.cache_len
-        hq = self.runner.num_q_heads
+    def _layer_scores(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, layer: int,
+                      num_slots: int) -> np.ndarray:
+        """[Hq, num_slots]: the attention the newest W queries gave each slot, per query head."""
         if not plan.window:
-            return np.zeros((L, hq, T), np.float32)
-        tables = self.blocks.tables[seq.seq_id]
-        scores = np.stack([
-            window_scores(st.queries[layer, -plan.window:], self.runner.kv.read_keys(layer, tables[layer], T),
-                          self.runner.softmax_scales[layer]) for layer in range(L)])
-        if plan.policy.score_source != "accumulated":
-            return scores
-        if st.accumulated is None:
-            st.accumulated = np.zeros((L, hq, T), np.float32)
-        elif st.accumulated.shape[2] < T:  # slots added since the last eviction start from zero
-            st.accumulated = np.pad(st.accumulated, ((0, 0), (0, 0), (0, T - st.accumulated.shape[2])))
-        st.accumulated[:, :, :T] += scores
-        return st.accumulated[:, :, :T]
+            return np.zeros((self.runner.num_q_heads, num_slots), np.float32)
+        keys = self.runner.kv.read_keys(layer, self.blocks.tables[seq.seq_id][layer], num_slots)
+        return window_scores(st.queries[layer, -plan.window:], keys, self.runner.softmax_scales[layer])
 
-    def _layer_mask(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, layer: int,
-                    num_slots: int, target: int) -> np.ndarray:
-        """One layer on its own (layers hold different lengths after PyramidKV): [Hkv, num_slots]."""
-        if plan.policy.score_source == "accumulated":
-            raise ConfigError(f"policy {plan.policy.name!r} accumulates scores and cannot follow per-layer budgets")
-        hq = self.runner.num_q_heads
-        scores = np.zeros((hq, num_slots), np.float32)
-        if plan.window:
-            keys = self.runner.kv.read_keys(layer, self.blocks.tables[seq.seq_id][layer], num_slots)
-            scores = window_scores(st.queries[layer, -plan.window:], keys, self.runner.softmax_scales[layer])
-        return plan.policy.keep_mask(AttentionStats(scores[None], self.runner.num_kv_heads), int(target))[0]
-
-    def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState) -> None:
+    def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray,
+               uneven: bool) -> int:
+        """Compact the sequence to the policy's keep-sets; return the tokens evicted per layer (mean)."""
         L, hkv = self.runner.num_layers, self.runner.num_kv_heads
-        lens = seq.layer_lens(L)
-        if seq.layer_offsets is None:  # all layers alike: one policy call over every layer
-            masks = plan.policy.keep_mask(AttentionStats(self._scores(seq, plan, st), hkv), plan.budget)
-        else:
-            masks = [self._layer_mask(seq, plan, st, layer, lens[layer], st.targets[layer]) for layer in range(L)]
-        kept = np.array([int(m[0].sum()) for m in masks])
+        policy = plan.policy
+        if not uneven:  # all layers alike: one policy call over every layer
+            T = int(lens[0])
+            scores = np.stack([self._layer_scores(seq, plan, st, layer, T) for layer in range(L)])
+            st.policy_state, ranked = policy.update(st.policy_state, scores)
+            masks = policy.keep_mask(AttentionStats(ranked, hkv), plan.budget)
+        else:  # layers hold different lengths (after PyramidKV): each layer on its own, to its target
+            if policy.stateful:
+                raise ConfigError(f"policy {policy.name!r} carries state per slot and cannot follow "
+                                  f"per-layer budgets")
+            masks = [policy.keep_mask(AttentionStats(self._layer_scores(seq, plan, st, layer, int(lens[layer]))[None],
+                                                     hkv), int(st.targets[layer]))[0] for layer in range(L)]
+        counts = [m.sum(axis=-1) for m in masks]  # [Hkv] per layer
+        for layer, c in enumerate(counts):
+            if (c != c[0]).any():  # compaction moves every KV head to the same length
+                raise KVCrushError(f"policy {policy.name!r} kept {c.tolist()} slots in the KV heads of layer "
+                                   f"{layer}; a policy must keep the same count in every KV head")
+        kept = np.array([int(c[0]) for c in counts])
         # A forked sequence shares blocks with its parent: compaction writes only into private ones.
         self.runner.kv.copy_blocks(self.blocks.make_private(seq.seq_id, int(kept.max())))
         tables = self.blocks.tables[seq.seq_id]
-        T = seq.cache_len
+        keeps = []
         for layer in range(L):
-            n = kept[layer]
-            keep = np.nonzero(masks[layer])[1].reshape(hkv, n)  # sorted per head: time order kept
+            keep = np.nonzero(masks[layer])[1].reshape(hkv, kept[layer])  # sorted per head: time order kept
             self.runner.kv.compact(layer, tables[layer], keep)
-            if st.accumulated is not None:
-                g = st.accumulated.shape[1] // hkv
-                acc = st.accumulated[layer, :, :T].reshape(hkv, g, T)
-                st.accumulated[layer, :, :n] = np.take_along_axis(acc, keep[:, None, :], axis=2).reshape(-1, n)
-        if st.accumulated is not None:
-            st.accumulated = st.accumulated[:, :, :kept.max()].copy()
+            keeps.append(keep)
+        if not uneven and (kept == kept[0]).all():
+            st.policy_state = policy.compact(st.policy_state, np.stack(keeps))
         self.blocks.trim(seq.seq_id, kept)
-        st.tokens_evicted += int((lens - kept).sum()) // L
-        self.stats.tokens_evicted += int((lens - kept).sum()) // L
-        st.num_evictions += 1
         if st.targets is None:
             st.targets = kept
-        seq.cache_len = int(kept.max())
-        seq.layer_offsets = None if (kept == kept[0]).all() else seq.cache_len - kept
+        st.scored_prompt_end |= seq.num_computed >= seq.num_prompt_tokens
+        return int((lens - kept).sum()) // L

@@ -14,21 +14,22 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import GenerationConfig, SchedulerConfig
-from ..errors import CacheCapacityError, KVCrushError, PromptError
+from ..errors import CacheCapacityError, ConfigError, KVCrushError, PromptError
 from ..eviction_config import CacheEvictionConfig
 from .eviction import EvictionPlan, Evictor
 from .model_runner import ModelRunner
 from .sampler import greedy_batch, sample
 from .scheduler import Scheduler
-from .sequence import FinishReason, Sequence, Status
+from .sequence import FinishReason, LogitsObserver, Sequence, Status, TokenSource
 
 Decode = Callable[[list[int]], str]
 
 
-def log_softmax(row: np.ndarray) -> np.ndarray:
-    """float32 log-probabilities of one logits row (evaluation records them for NLL/KL)."""
-    z = row.astype(np.float32) - row.max()
-    return z - np.log(np.exp(z).sum(dtype=np.float64)).astype(np.float32)
+def token_logprob(row: np.ndarray, token: int) -> float:
+    """log p(token) under one logits row (float64 log-sum-exp; openvino_genai's scores sum these)."""
+    z = row.astype(np.float64)
+    top = z.max()
+    return float(z[token] - top - np.log(np.exp(z - top).sum()))
 
 
 @dataclass
@@ -41,51 +42,68 @@ class StepStats:
 
 @dataclass(frozen=True)
 class EngineMetrics:
-    """A snapshot of the engine's load (what a server exports on /metrics)."""
+    """A snapshot of what the engine holds (for benchmarks and a server's /metrics)."""
 
-    running: int              # sequences holding KV blocks (prefilling or decoding)
-    waiting: int              # queued, or preempted and waiting to be recomputed
-    kv_blocks_total: int      # blocks per layer in the pool
-    kv_blocks_used: int       # blocks in use in the fullest layer
-    kv_blocks_free: int
-    evictions: int            # eviction passes so far
-    tokens_evicted: int       # KV slots freed by eviction so far (per layer)
+    running: int                 # requests holding KV blocks
+    waiting: int                 # requests queued (new, or preempted to be recomputed)
+    kv_blocks_total: int         # blocks per layer in the pool
+    kv_blocks_used: int          # blocks in use in the fullest layer
+    kv_bytes_used: int           # bytes of the blocks in use, all layers
+    evictions: int               # since the engine started
+    tokens_evicted: int          # per layer, summed over evictions
+    eviction_seconds: float
     preemptions: int
 
 
 class LLMEngine:
     def __init__(self, model_dir: str | Path, device: str = "CPU", scheduler_config: SchedulerConfig | None = None,
                  properties: dict | None = None, decode: Decode | None = None,
-                 eos_token_ids: frozenset[int] = frozenset(), enable_eviction: bool = False) -> None:
-        """enable_eviction: build for per-request eviction even without a default cache_eviction_config."""
+                 eos_token_ids: frozenset[int] = frozenset(), enable_eviction: bool = False,
+                 per_layer_lengths: bool | None = None) -> None:
+        """enable_eviction: build for per-request eviction even without a default cache_eviction_config.
+        per_layer_lengths: let layers hold different lengths (PyramidKV); default: only when the default
+        policy needs it."""
         self.config = SchedulerConfig.from_any(scheduler_config)
-        evicting = enable_eviction or self.config.cache_eviction_config is not None
+        eviction = CacheEvictionConfig.from_any(self.config.cache_eviction_config)
+        evicting = enable_eviction or eviction is not None
+        if per_layer_lengths is None:
+            per_layer_lengths = eviction is not None and eviction.make_policy().per_layer_budgets
         if evicting:  # compaction moves token rows: u8 keys must be quantized per token, not per block
             properties = {"KEY_CACHE_QUANT_MODE": "BY_TOKEN", **(properties or {})}
-        self.runner = self._make_runner(model_dir, device, properties, self.config.kv_cache_precision, evicting)
+        options = dict(model_dir=model_dir, device=device, properties=properties, evicting=evicting,
+                       per_layer_lengths=bool(per_layer_lengths))
+        self.runner = self._make_runner(precision=self.config.kv_cache_precision, **options)
         if evicting and self.config.kv_cache_precision is None and not self.runner.layout.token_rows:
             # a device whose quantized keys stay per block: fall back to f16, which every CPU offers
-            self.runner = self._make_runner(model_dir, device, properties, "f16", evicting)
+            self.runner = self._make_runner(precision="f16", **options)
         self.blocks = self.runner.make_block_manager()
-        self.evictor = Evictor(self.runner, self.blocks)
+        self.evictor = Evictor(self.runner, self.blocks, self.config.max_num_batched_tokens)
+        # openvino_genai's configs count in blocks: translate again with this device's block size
         eviction = CacheEvictionConfig.from_any(self.config.cache_eviction_config, self.runner.block_size)
-        self.default_eviction = self.evictor.plan(eviction) if eviction is not None else None
         self.scheduler = Scheduler(self.blocks, self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        self.default_eviction = self._plan(eviction)
         self.decode = decode
         self.eos_token_ids = eos_token_ids
         self._ids = itertools.count()
         self.sequences: dict[int, Sequence] = {}
         self.last_step: StepStats | None = None
+        self.num_preemptions = 0
 
-    def _make_runner(self, model_dir, device, properties, precision, evicting) -> ModelRunner:
+    def _make_runner(self, *, model_dir, device, properties, precision, evicting, per_layer_lengths) -> ModelRunner:
         return ModelRunner(model_dir, device, cache_size_gb=self.config.cache_size,
                            num_kv_blocks=self.config.num_kv_blocks, kv_cache_precision=precision,
-                           properties=properties, expose_queries=evicting)
+                           properties=properties, expose_queries=evicting, per_layer_lengths=per_layer_lengths)
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int] | np.ndarray, config: GenerationConfig,
-                    streamer: Callable[[str], Any] | None = None, eviction: Any = "default") -> Sequence:
-        """eviction: "default" (the scheduler config's), None (full cache) or a CacheEvictionConfig."""
+                    streamer: Callable[[str], Any] | None = None, eviction: Any = "default", *,
+                    query_window: int = 0, token_source: TokenSource | None = None,
+                    logits_observer: LogitsObserver | None = None) -> Sequence:
+        """eviction: "default" (the scheduler config's), None (full cache) or a CacheEvictionConfig.
+
+        query_window: keep this many newest queries even if this request never evicts, because forks
+        of it will (fan-out of one prefill to several policies). token_source / logits_observer: see
+        sequence.py (a caller's hooks, e.g. to replay a known continuation and measure it)."""
         try:
             arr = np.asarray(prompt_ids)
         except ValueError:  # ragged nesting
@@ -109,21 +127,33 @@ class LLMEngine:
         self._check_fits(len(ids), config, plan)
         eos = frozenset({config.eos_token_id}) if config.eos_token_id >= 0 else self.eos_token_ids
         seq = Sequence(next(self._ids), ids, len(ids), config, eos_token_ids=eos, streamer=streamer,
-                       arrival=time.perf_counter(), eviction=plan)
+                       arrival=time.perf_counter(), eviction=plan, query_window=self._query_window(plan, query_window),
+                       token_source=token_source, logits_observer=logits_observer)
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
 
+    def _query_window(self, plan: EvictionPlan | None, asked: int) -> int:
+        if asked and not self.runner.softmax_scales:
+            raise ConfigError("query_window needs an engine built for eviction (enable_eviction=True)")
+        return max(plan.window if plan is not None else 0, asked)
+
     def _check_fits(self, num_prompt: int, config: GenerationConfig, plan: EvictionPlan | None) -> None:
         """A request must fit the pool alone (else preemption could never make room for it)."""
-        most = num_prompt + config.max_new_tokens
-        if plan is not None:  # the whole prompt is in cache once, then at most budget + a block
-            most = min(most, max(num_prompt + 1, plan.budget + self.blocks.block_size))
+        most = self.scheduler.footprint(num_prompt, config.max_new_tokens, plan)
         need = self.blocks.blocks_for(most)
         if need > self.blocks.num_blocks:
+            bs = self.blocks.block_size
+            hint = "raise cache_size/num_kv_blocks"
+            fits = (self.blocks.num_blocks * bs - bs - min(self.config.max_num_batched_tokens, 4 * bs)) // bs * bs
+            if plan is None and fits >= 128:
+                hint += (f", or enable eviction with a budget of at most ~{fits} tokens (e.g. "
+                         f"CacheEvictionConfig('kvcrush', budget={fits}), `--policy kvcrush --budget {fits}`)")
+            elif plan is not None and not plan.during_prefill:
+                hint += " or evict during prefill (CacheEvictionConfig(prefill='chunked'))"
             raise CacheCapacityError(
                 f"one request needs {need} KV blocks ({num_prompt} prompt + {config.max_new_tokens} new tokens) but "
-                f"the pool has {self.blocks.num_blocks}; raise cache_size/num_kv_blocks or enable eviction")
+                f"the pool has {self.blocks.num_blocks}; {hint}")
 
     def _plan(self, eviction: Any) -> EvictionPlan | None:
         if isinstance(eviction, str) and eviction == "default":
@@ -131,8 +161,8 @@ class LLMEngine:
         config = CacheEvictionConfig.from_any(eviction, self.runner.block_size)
         return None if config is None else self.evictor.plan(config)
 
-    def fork(self, parent: Sequence, config: GenerationConfig | None = None, eviction: Any = None,
-             teacher: Sequence | None = None, record_logprobs: bool = False) -> Sequence:
+    def fork(self, parent: Sequence, config: GenerationConfig | None = None, eviction: Any = None, *,
+             token_source: TokenSource | None = None, logits_observer: LogitsObserver | None = None) -> Sequence:
         """A new request continuing `parent` from where it stands, sharing its KV blocks copy-on-write.
 
         Used to fan one prefill out to several policies/budgets: fork right after the prompt is done
@@ -141,20 +171,23 @@ class LLMEngine:
         if parent.is_finished or parent.status is not Status.RUNNING or parent.num_uncomputed != 1:
             raise KVCrushError("fork a running sequence between steps, once its prompt is processed")
         plan, config = self._plan(eviction), config or parent.config
-        if plan is not None and plan != parent.eviction and parent.kv_state is not None \
-                and parent.kv_state.targets is not None:  # the child would inherit the parent's targets
+        if plan is not None and plan != parent.eviction and self.evictor.has_evicted(parent):
             raise KVCrushError("fork with a different eviction plan before the parent evicts (e.g. from a "
                                "full-cache parent), or with the parent's own plan")
+        if plan is not None and plan.window > parent.query_window:
+            raise KVCrushError(f"the fork scores {plan.window} queries but the parent kept {parent.query_window}; "
+                               f"add the parent with query_window >= {plan.window}")
         self._check_fits(parent.num_prompt_tokens, config, plan)
         child = Sequence(next(self._ids), list(parent.token_ids), parent.num_prompt_tokens, config,
                          eos_token_ids=parent.eos_token_ids, arrival=time.perf_counter(), status=Status.RUNNING,
-                         num_computed=parent.num_computed, cache_len=parent.cache_len,
-                         eviction=plan, first_token_time=parent.first_token_time,
-                         peak_cache_len=parent.cache_len,
-                         layer_offsets=None if parent.layer_offsets is None else parent.layer_offsets.copy(),
-                         kv_state=parent.kv_state.copy() if parent.kv_state is not None else None,
-                         teacher=teacher, logprobs=[] if record_logprobs else None)
+                         num_computed=parent.num_computed, eviction=plan,
+                         query_window=max(plan.window if plan is not None else 0, parent.query_window),
+                         token_source=token_source, logits_observer=logits_observer,
+                         first_token_time=parent.first_token_time,
+                         cumulative_logprob=parent.cumulative_logprob)
+        child.metrics.peak_kv_slots = self.blocks.cache_len(parent.seq_id)
         self.blocks.fork(parent.seq_id, child.seq_id)
+        self.evictor.fork(parent, child)
         self.sequences[child.seq_id] = child
         self.scheduler.add(child)
         self.evictor.maybe_evict(child)
@@ -167,73 +200,97 @@ class LLMEngine:
             seq.finish(FinishReason.ABORT)
             self._drop_finished()
 
-    def metrics(self) -> EngineMetrics:
-        seqs = self.scheduler.seqs
-        running = sum(1 for s in seqs if s.status is Status.RUNNING)
-        free = self.blocks.num_free_blocks
-        return EngineMetrics(running=running, waiting=len(seqs) - running, kv_blocks_total=self.blocks.num_blocks,
-                             kv_blocks_used=self.blocks.num_blocks - free, kv_blocks_free=free,
-                             evictions=self.evictor.stats.evictions, tokens_evicted=self.evictor.stats.tokens_evicted,
-                             preemptions=self.scheduler.num_preemptions)
-
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
+
+    def metrics(self) -> EngineMetrics:
+        seqs = self.scheduler.seqs
+        running = sum(1 for s in seqs if s.status is Status.RUNNING)
+        used = self.blocks.num_blocks - self.blocks.num_free_blocks
+        st = self.evictor.stats
+        return EngineMetrics(running=running, waiting=len(seqs) - running, kv_blocks_total=self.blocks.num_blocks,
+                             kv_blocks_used=used, kv_bytes_used=self.blocks.num_used_blocks * self.runner.layout.bytes_per_block,
+                             evictions=st.evictions, tokens_evicted=st.tokens_evicted, eviction_seconds=st.seconds,
+                             preemptions=self.num_preemptions)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token slot costs, all layers, scales included."""
+        return self.runner.bytes_per_block // self.runner.block_size
+
+    @property
+    def kv_precision(self) -> str:
+        """The KV cache precision the device compiled (f32, f16, bf16, u8, u4)."""
+        return self.runner.layout.precision
+
+    @property
+    def block_size(self) -> int:
+        return self.runner.block_size
 
     # -- one step ----------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Run one batch; return the sequences that finished in it."""
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
+        for seq in out.preempted:
+            self.evictor.drop(seq)
+        self.num_preemptions += len(out.preempted)
         if not out.chunks:
             if self.scheduler.has_work:
                 raise KVCrushError("no request could be scheduled (KV pool too small for any waiting request)")
             return []
         self.runner.kv.copy_blocks(out.block_copies)
         logits = self.runner.run(out.chunks, self.blocks)
+        sampling = [c.seq for c in out.chunks if c.samples]  # logits rows, in chunk order
+        n_prefill = sum(c.num_tokens for c in out.chunks if c.num_tokens > 1 or not c.samples)
+        n_decode = sum(1 for c in out.chunks if c.num_tokens == 1 and c.samples)
         self.evictor.observe(out.chunks)
-        sampling = [c.seq for c in out.chunks if c.samples]
-        for c in out.chunks:
-            c.seq.num_computed += c.num_tokens
-            c.seq.cache_len += c.num_tokens
-            c.seq.peak_cache_len = max(c.seq.peak_cache_len, c.seq.cache_len)
+        self.scheduler.postprocess(out)
+        rows = {id(seq): i for i, seq in enumerate(sampling)}
         greedy = greedy_batch(logits) if all(not s.config.do_sample for s in sampling) else None
         now = time.perf_counter()
-        for row, seq in enumerate(sampling):
-            if seq.teacher is not None and seq.num_generated >= len(seq.teacher.output_ids):
-                seq.finish(FinishReason.LENGTH)  # the teacher's continuation is used up
-                continue
-            if seq.logprobs is not None:
-                seq.logprobs.append(log_softmax(logits[row]))
-            suppress = seq.eos_token_ids if seq.num_generated < seq.config.min_new_tokens else frozenset()
-            if seq.teacher is not None:  # the teacher was sampled earlier in this loop (it arrived first)
-                token = seq.teacher.output_ids[seq.num_generated]
-            elif greedy is not None and not suppress:
-                token = int(greedy[row])
-            else:
-                token = sample(logits[row], seq.config, seq.rng, suppress)
-            seq.token_ids.append(token)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            seq.token_times.append(now)
-            self._check_stop(seq, token)
-            self._stream(seq)
+        # Sequences with a token source go last: a source may follow what another request of this step produced.
+        for seq in sorted(sampling, key=lambda s: s.token_source is not None):
+            self._emit(seq, logits[rows[id(seq)]], None if greedy is None else int(greedy[rows[id(seq)]]), now)
         for c in out.chunks:
             self.evictor.maybe_evict(c.seq)
+            lens = self.blocks.layer_lens(c.seq.seq_id)
+            m = c.seq.metrics
+            m.peak_kv_slots = max(m.peak_kv_slots, int(lens.max(initial=0)))
             if c.seq.num_computed >= c.seq.num_prompt_tokens:
-                held = c.seq.cache_len if c.seq.layer_offsets is None else float(
-                    c.seq.layer_lens(self.runner.num_layers).mean())  # PyramidKV: layers hold different lengths
-                c.seq.peak_decode_cache_len = max(c.seq.peak_decode_cache_len, held)
-        n_prefill = sum(c.num_tokens for c in out.chunks if c.num_tokens > 1 or not c.samples)
-        self.last_step = StepStats(out.num_tokens, n_prefill, len(out.chunks) - sum(
-            1 for c in out.chunks if c.num_tokens > 1 or not c.samples), time.perf_counter() - t0)
+                m.peak_decode_kv_slots = max(m.peak_decode_kv_slots, float(lens.mean()))  # layers may differ
+        self.last_step = StepStats(out.num_tokens, n_prefill, n_decode, time.perf_counter() - t0)
         return self._drop_finished()
+
+    def _emit(self, seq: Sequence, row: np.ndarray, greedy: int | None, now: float) -> None:
+        """Choose the sequence's next token from its logits row (or its token source), then stop/stream."""
+        if seq.is_finished:  # e.g. aborted by a streamer earlier in this step
+            return
+        if seq.logits_observer is not None:
+            seq.logits_observer(seq, row)
+        if seq.token_source is not None:
+            token = seq.token_source(seq)
+            if token is None:  # the source has nothing more: the request is done
+                seq.finish(FinishReason.LENGTH)
+                return
+        else:
+            suppress = seq.eos_token_ids if seq.num_generated < seq.config.min_new_tokens else frozenset()
+            token = greedy if greedy is not None and not suppress else sample(row, seq.config, seq.rng, suppress)
+        seq.cumulative_logprob += token_logprob(row, token)
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.token_times.append(now)
+        self._check_stop(seq, token)
+        self._stream(seq)
 
     def _drop_finished(self) -> list[Sequence]:
         """Free finished sequences' blocks and forget them (the caller keeps its own references)."""
         done = self.scheduler.remove_finished()
         for s in done:
             self.sequences.pop(s.seq_id, None)
+            self.evictor.drop(s)
         return done
 
     # -- stopping and streaming ----------------------------------------------------------------------

@@ -50,7 +50,9 @@ class ModelRunner:
     def __init__(self, model_dir: str | Path, device: str = "CPU", *, cache_size_gb: float = 1.0,
                  num_kv_blocks: int = 0, kv_cache_precision: str | None = None,
                  properties: dict | None = None, core: ov.Core | None = None,
-                 expose_queries: bool = False) -> None:
+                 expose_queries: bool = False, per_layer_lengths: bool = False) -> None:
+        """expose_queries: add the post-RoPE query outputs per-head scoring reads (eviction);
+        per_layer_lengths: let layers hold different lengths (policies with per-layer budgets)."""
         self.model_dir, self.hf_config = read_model_dir(model_dir)
         self.core = core or ov.Core()
         try:
@@ -60,10 +62,11 @@ class ModelRunner:
         if not transforms.paged.is_stateful_sdpa(model):
             raise ModelError(f"{self.model_dir} is not a stateful model with ScaledDotProductAttention; re-export "
                              f"it with `optimum-cli export openvino --task text-generation-with-past` (SDPA on)")
-        self.info = transforms.make_paged_model(model)
+        # PagedAttention's own `scores.N` (summed over heads) are not what we score with: not requested.
+        self.info = transforms.make_paged_model(model, score_outputs=False)
         self.softmax_scales = (transforms.expose_queries(model, self._config_head_size())
                                if expose_queries else [])
-        self.per_layer_lengths = expose_queries  # eviction may leave layers with different lengths
+        self.per_layer_lengths = per_layer_lengths
         if self.per_layer_lengths:
             transforms.split_lengths_per_layer(model)
         props = dict(properties or {})
@@ -128,7 +131,8 @@ class ModelRunner:
         """Feed the chunks; return logits [S, V] for the chunks that sample, in chunk order."""
         lens = np.array([c.num_tokens for c in chunks], dtype=np.int32)
         starts = np.array([c.seq.num_computed for c in chunks], dtype=np.int64)
-        past = np.array([c.seq.cache_len for c in chunks], dtype=np.int32)
+        layer_past = np.stack([blocks.layer_lens(c.seq.seq_id) for c in chunks], axis=1).astype(np.int32)  # [L, S]
+        past = layer_past.max(axis=0)
         input_ids = np.concatenate([np.asarray(c.seq.token_ids[s:s + n], dtype=np.int64)
                                     for c, s, n in zip(chunks, starts, lens)])
         # True positions: evicted tokens leave gaps in the cache, not in RoPE positions.
@@ -144,17 +148,13 @@ class ModelRunner:
             "max_context_len": np.array(int((past + lens).max()), dtype=np.int32),
         }
         tables = [blocks.tables[c.seq.seq_id] for c in chunks]
-        uneven = [i for i, c in enumerate(chunks) if c.seq.layer_offsets is not None]
         for layer in range(self.num_layers):
             block_begins = np.zeros(len(chunks) + 1, dtype=np.int32)
             np.cumsum([len(t[layer]) for t in tables], out=block_begins[1:])
             inputs[f"block_indices.{layer}"] = np.fromiter(
                 (b for t in tables for b in t[layer]), dtype=np.int32, count=int(block_begins[-1]))
             if self.per_layer_lengths:
-                layer_past = past.copy()
-                for i in uneven:
-                    layer_past[i] -= chunks[i].seq.layer_offsets[layer]
-                inputs[f"past_lens.{layer}"] = layer_past
+                inputs[f"past_lens.{layer}"] = layer_past[layer]
                 inputs[f"block_indices_begins.{layer}"] = block_begins
             else:
                 inputs["block_indices_begins"] = block_begins

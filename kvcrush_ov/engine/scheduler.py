@@ -5,7 +5,8 @@ engines feed the model the same batches: every decoding sequence gets its token 
 order), then prompts (in arrival order) are cut into chunks that fill the remaining
 `max_num_batched_tokens`. When a decoding sequence needs a block and none is free, the most recently
 arrived running sequence is preempted by recompute: its blocks are freed and it is prefilled again
-later (its generated tokens are kept, so greedy output is unchanged).
+later (its generated tokens are kept, so greedy output is unchanged). The scheduler alone moves a
+sequence's progress (status, num_computed); the block manager holds where its KV lives.
 """
 from __future__ import annotations
 
@@ -45,7 +46,6 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.seqs: list[Sequence] = []  # unfinished, in arrival order
-        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.seqs.append(seq)
@@ -70,16 +70,17 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING or seq.num_uncomputed != 1 or seq in out.preempted:
                 continue
-            while not self.blocks.can_hold(seq.seq_id, seq.cache_len + 1):
+            grown = self.blocks.layer_lens(seq.seq_id) + 1
+            while not self.blocks.can_hold(seq.seq_id, grown):
                 victim = self._preemption_victim(exclude=out)
                 if victim is None:
                     break
                 self._preempt(victim, out)
                 if victim is seq:
                     break
-            if seq.status is not Status.RUNNING or not self.blocks.can_hold(seq.seq_id, seq.cache_len + 1):
+            if seq.status is not Status.RUNNING or not self.blocks.can_hold(seq.seq_id, grown):
                 continue
-            out.block_copies += self.blocks.allocate(seq.seq_id, seq.layer_lens(self.blocks.num_layers) + 1)
+            out.block_copies += self.blocks.allocate(seq.seq_id, grown)
             out.chunks.append(ScheduledChunk(seq, 1))
             budget -= 1
         # 2. prompt chunks (also recomputation after preemption), greedily in arrival order.
@@ -93,17 +94,60 @@ class Scheduler:
                 continue
             if seq.status is Status.WAITING and holding >= self.max_num_seqs:
                 break
-            free_slots = self.blocks.num_free_blocks * self.blocks.block_size + self._slack(seq)
-            n = min(budget, seq.num_uncomputed, free_slots)
+            n = self._chunk_size(seq, budget)
+            plan = seq.eviction
+            if seq.status is Status.WAITING and plan is not None and plan.during_prefill:
+                free_slots = self.blocks.num_free_blocks * self.blocks.block_size
+                if free_slots < self.footprint(len(seq), seq.config.max_new_tokens - seq.num_generated, plan):
+                    break  # admitted once its compressed footprint fits, in arrival order
+            if n <= 0 and seq.status is Status.RUNNING and not out.chunks:
+                n = self._make_room(seq, out, budget)  # a prompt stuck mid-prefill: nothing else would run
             if n <= 0:
                 break  # keep arrival order: a later prompt does not overtake one that does not fit
             if seq.status is Status.WAITING:
                 seq.status = Status.RUNNING
                 holding += 1
-            out.block_copies += self.blocks.allocate(seq.seq_id, seq.layer_lens(self.blocks.num_layers) + n)
+            out.block_copies += self.blocks.allocate(seq.seq_id, self.blocks.layer_lens(seq.seq_id) + n)
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
         return out
+
+    def footprint(self, num_tokens: int, num_new: int, plan) -> int:
+        """Most KV slots a request (num_tokens to prefill, then num_new to generate) holds in a layer."""
+        most = num_tokens + num_new
+        if plan is None:
+            return most
+        bs = self.blocks.block_size
+        if plan.during_prefill:
+            return min(most, plan.budget + plan.prefill_chunk + bs)
+        return min(most, max(num_tokens + 1, plan.budget + bs))  # the whole prompt once, then the budget
+
+    def _chunk_size(self, seq: Sequence, budget: int) -> int:
+        """Tokens of `seq` this step can take: the step's budget, free slots, and for memory-bounded
+        prefill what keeps the sequence within its budget + one chunk."""
+        free_slots = self.blocks.num_free_blocks * self.blocks.block_size + self._slack(seq)
+        n = min(budget, seq.num_uncomputed, free_slots)
+        plan = seq.eviction
+        if plan is not None and plan.during_prefill:
+            n = min(n, plan.budget + plan.prefill_chunk - self.blocks.cache_len(seq.seq_id))
+        return n
+
+    def _make_room(self, seq: Sequence, out: SchedulerOutput, budget: int) -> int:
+        """Preempt newer running sequences until `seq` can take a chunk; return its chunk size."""
+        n = 0
+        while n <= 0:
+            victim = self._preemption_victim(exclude=out)
+            if victim is None or victim is seq:
+                return 0
+            self._preempt(victim, out)
+            n = self._chunk_size(seq, budget)
+        return n
+
+    def postprocess(self, out: SchedulerOutput) -> None:
+        """The model ran the scheduled chunks: their tokens are now in the cache."""
+        for c in out.chunks:
+            c.seq.num_computed += c.num_tokens
+            self.blocks.commit(c.seq.seq_id, c.num_tokens)
 
     def _slack(self, seq: Sequence) -> int:
         """Free slots left in the sequence's last allocated block."""
@@ -111,7 +155,7 @@ class Scheduler:
         if not tables:
             return 0
         held = np.array([len(t) for t in tables]) * self.blocks.block_size
-        return int((held - seq.layer_lens(len(tables))).min())
+        return int((held - self.blocks.layer_lens(seq.seq_id)).min())
 
     def _preemption_victim(self, exclude: SchedulerOutput) -> Sequence | None:
         scheduled = {id(c.seq) for c in exclude.chunks}
@@ -124,9 +168,5 @@ class Scheduler:
         self.blocks.free(seq.seq_id)
         seq.status = Status.WAITING
         seq.num_computed = 0
-        seq.cache_len = 0
-        seq.layer_offsets = None
-        seq.kv_state = None
         seq.num_preemptions += 1
-        self.num_preemptions += 1
         out.preempted.append(seq)

@@ -23,11 +23,30 @@ class FinishReason(enum.Enum):
     ERROR = "error"
 
 
+# Hooks a caller may attach to a request (evaluation uses them; the engine knows no evaluation):
+# a token source supplies each next token instead of the sampler (None: it has no more, the request
+# ends), and a logits observer sees every logits row the request samples from.
+TokenSource = Callable[["Sequence"], "int | None"]
+LogitsObserver = Callable[["Sequence", np.ndarray], None]
+
+
 @dataclass
+class RequestMetrics:
+    """What a request cost, kept across preemptions. Eviction figures are written by the evictor
+    only, the rest by the engine only."""
+
+    evictions: int = 0
+    tokens_evicted: int = 0        # per layer, mean over layers, summed over evictions
+    eviction_seconds: float = 0.0
+    peak_kv_slots: int = 0         # most KV slots held in any layer (the whole prompt, before eviction)
+    peak_decode_kv_slots: float = 0.0  # most KV slots held while decoding, mean over layers (~ the budget)
+
+
+@dataclass(eq=False)  # a request is itself: compared by identity, hashable
 class Sequence:
-    """A request = one sequence (no beams). Positions are true token positions; the cache may hold
-    fewer slots than positions once tokens are evicted, so `cache_len` is tracked apart from
-    `num_computed`."""
+    """A request = one sequence (no beams): the request itself and its output. Positions are true
+    token positions; how many KV slots it holds per layer is the block manager's business, and its
+    eviction state the evictor's."""
 
     seq_id: int
     token_ids: list[int]
@@ -35,19 +54,17 @@ class Sequence:
     config: GenerationConfig
     eos_token_ids: frozenset[int] = frozenset()
     streamer: Callable[[str], Any] | None = None
-    status: Status = Status.WAITING
+    eviction: Any = None           # EvictionPlan or None (full cache); fixed for the request's life
+    query_window: int = 0          # newest queries kept for scoring: the plan's window, or what forks need
+    token_source: TokenSource | None = None
+    logits_observer: LogitsObserver | None = None
+    status: Status = Status.WAITING  # the scheduler moves WAITING <-> RUNNING; finish() ends it
     finish_reason: FinishReason | None = None
     error: str | None = None
-    num_computed: int = 0          # tokens whose K/V have been written (true positions 0..num_computed-1)
-    cache_len: int = 0             # KV slots held (the most of any layer; = num_computed - evicted)
-    layer_offsets: np.ndarray | None = None  # [L] slots a layer holds fewer than cache_len (PyramidKV)
+    num_computed: int = 0          # tokens whose K/V have been written (written by the scheduler only)
     num_preemptions: int = 0
-    eviction: Any = None           # EvictionPlan or None (full cache)
-    teacher: "Sequence | None" = None  # teacher forcing: emit the teacher's tokens instead of sampling
-    logprobs: list | None = None   # when a list, each step's log-softmax row [V] is appended (evaluation)
-    kv_state: Any = None           # the evictor's per-sequence state; dropped on preemption
-    peak_cache_len: int = 0        # most KV slots held at any time (the whole prompt, before eviction)
-    peak_decode_cache_len: float = 0  # most KV slots held while decoding, mean over layers (~ the budget)
+    cumulative_logprob: float = 0.0  # sum of log p(token) over the generated tokens (as openvino_genai's scores)
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
     rng: np.random.Generator = field(init=False)
     text: str = ""                 # detokenized output so far (maintained when needed)
     streamed_chars: int = 0
@@ -60,11 +77,6 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
-
-    def layer_lens(self, num_layers: int) -> np.ndarray:
-        """KV slots held by each layer."""
-        lens = np.full(num_layers, self.cache_len, dtype=np.int64)
-        return lens if self.layer_offsets is None else lens - self.layer_offsets
 
     @property
     def num_generated(self) -> int:

@@ -21,10 +21,11 @@ from tqdm import tqdm
 
 from ..config import GenerationConfig, SchedulerConfig
 from ..errors import ConfigError
-from ..eviction_config import CacheEvictionConfig
+from ..eviction_config import PREFILL_MODES, CacheEvictionConfig
 from ..options import parse_policy_spec as parse_policy
 from ..policies import POLICIES, defaults, make_policy
-from .metrics import exact_match_rate, kl_divergence, mean_and_ci, nll, rouge_l, score, target_logprobs
+from .metrics import exact_match_rate, mean_and_ci, rouge_l, score
+from .teacher import FullCacheReference
 from .suite import Sample
 
 NATIVE = {"native-snapkv": "snapkv", "native-kvcrush": "kvcrush-block"}
@@ -80,22 +81,37 @@ class Runner:
 
         self.model_dir, self.config, self.out_dir = Path(model_dir), config, Path(out_dir)
         self.tokenizer = Tokenizer(self.model_dir)
+        # What a cached row was computed with: a policy whose resolved settings (e.g. tuned defaults)
+        # changed is recomputed, the others are reused.
+        self.signatures, per_layer = {}, False
+        for spec in config.policies:
+            name, options, prefill = self._spec(spec)
+            if name in NATIVE or name == "full":
+                self.signatures[spec] = "native" if name in NATIVE else "full"
+                continue
+            policy = make_policy(name, **options)
+            self.signatures[spec] = repr(policy) + ("" if prefill == "after" else f" prefill={prefill}")
+            per_layer |= policy.per_layer_budgets
         self.engine = LLMEngine(self.model_dir, config.device,
                                 SchedulerConfig(cache_size=config.cache_size, kv_cache_precision=config.kv_precision),
                                 config.properties, decode=self.tokenizer.decode, enable_eviction=True,
-                                eos_token_ids=frozenset({self.tokenizer.eos_token_id}))
-        self.bytes_per_token = self.engine.runner.bytes_per_block // self.engine.runner.block_size
+                                eos_token_ids=frozenset({self.tokenizer.eos_token_id}), per_layer_lengths=per_layer)
+        self.bytes_per_token = self.engine.kv_bytes_per_token
         self.cache_dir = self.out_dir / "samples" / config.key(self.model_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.timing = {"prefill_s": 0.0, "fanout_decode_s": 0.0, "runs": 0}
-        self.precision = self.engine.runner.layout.precision
-        # What a cached row was computed with: a policy whose resolved settings (e.g. tuned defaults)
-        # changed is recomputed, the others are reused.
-        self.signatures = {}
-        for spec in config.policies:
-            name, variant = parse_policy(spec)
-            options = {**(config.policy_options or {}).get(name, {}), **variant}
-            self.signatures[spec] = "native" if name in NATIVE else "full" if name == "full" else repr(make_policy(name, **options))
+        self.precision = self.engine.kv_precision
+
+    def _spec(self, spec: str) -> tuple[str, dict, str]:
+        """'kvcrush:anchors=alternate;prefill=chunked' -> (name, policy options, prefill mode). Forks of
+        the shared prefill are evicted after it ("after"); "chunked" runs prefill on its own, compacted
+        between chunks (memory-bounded), so its prompt is prefilled once more."""
+        name, variant = parse_policy(spec)
+        options = {**(self.config.policy_options or {}).get(name, {}), **variant}
+        prefill = options.pop("prefill", "after")
+        if prefill not in PREFILL_MODES:
+            raise ConfigError(f"policy variant {spec!r}: prefill must be one of {', '.join(PREFILL_MODES)}")
+        return name, options, prefill
 
     def _tokens(self, budget: float, prompt_len: int, minimum: int) -> int:
         if self.config.budget_bytes:
@@ -107,44 +123,69 @@ class Runner:
         engine, cfg = self.engine, GenerationConfig(max_new_tokens=sample.max_new_tokens,
                                                     eos_token_id=self.tokenizer.eos_token_id)
         t0 = time.perf_counter()
-        parent = engine.add_request(ids, cfg, eviction=None)
-        parent.logprobs = []
+        plans = {}  # (policy spec, budget) -> (tokens, CacheEvictionConfig)
+        for policy in self.config.policies:
+            name, options, prefill = self._spec(policy)
+            if name in NATIVE or name == "full":
+                continue
+            for budget in self.config.budgets:
+                tokens = self._tokens(budget, len(ids), make_policy(name, **options).protected_tokens)
+                plans[(policy, budget)] = (tokens, CacheEvictionConfig(name, budget=tokens, options=options,
+                                                                       prefill=prefill))
+        forked = {k: v for k, v in plans.items() if v[1].prefill == "after"}
+        reference = FullCacheReference()
+        parent = engine.add_request(ids, cfg, eviction=None, logits_observer=reference.observe,
+                                    query_window=max([ev.window for _, ev in forked.values()], default=0))
         while parent.num_generated == 0 and not parent.is_finished:
             engine.step()
         t_prefill = time.perf_counter() - t0
-        runs = {}
-        for policy in self.config.policies:
-            name, variant = parse_policy(policy)
-            if name in NATIVE or name == "full":
+        runs = {}  # key -> (tokens, free request, forced run, start, prefill seconds)
+        for key, (tokens, ev) in forked.items():
+            if parent.is_finished:  # one-token answer: nothing to fork, every policy saw the full prompt
+                runs[key] = (tokens, parent, None, t0, t_prefill)
                 continue
-            options = {**(self.config.policy_options or {}).get(name, {}), **variant}
-            for budget in self.config.budgets:
-                tokens = self._tokens(budget, len(ids), make_policy(name, **options).protected_tokens)
-                ev = CacheEvictionConfig(name, budget=tokens, options=options)
-                if parent.is_finished:  # one-token answer: nothing to fork, every policy saw the full prompt
-                    runs[(policy, budget)] = (tokens, parent, None, t0)
-                    continue
-                t_fork = time.perf_counter()
-                free = engine.fork(parent, cfg, ev)
-                forced = engine.fork(parent, cfg, ev, teacher=parent, record_logprobs=True)
-                runs[(policy, budget)] = (tokens, free, forced, t_fork)
+            t_fork = time.perf_counter()
+            free = engine.fork(parent, cfg, ev)
+            forced_run = reference.forced_run()
+            engine.fork(parent, cfg, ev, token_source=forced_run.next_token, logits_observer=forced_run.observe)
+            runs[key] = (tokens, free, forced_run, t_fork, t_prefill)
         t1 = time.perf_counter()
         while engine.has_unfinished:
             engine.step()
         t_end = time.perf_counter()
         self.timing["prefill_s"] += t_prefill
         self.timing["fanout_decode_s"] += t_end - t1
-        self.timing["runs"] += 1 + 2 * len(runs)
+        self.timing["runs"] += 1 + 2 * len(forked)
+        # Memory-bounded prefill cannot share the full prefill: each runs alone, forced against the
+        # full cache's finished continuation.
+        for key, (tokens, ev) in plans.items():
+            if ev.prefill == "after":
+                continue
+            free = engine.add_request(ids, cfg, eviction=ev)
+            forced_run = reference.forced_run()
+            engine.add_request(ids, cfg, eviction=ev, token_source=forced_run.next_token,
+                               logits_observer=forced_run.observe)
+            runs[key] = (tokens, free, forced_run, free.arrival, None)
+        while engine.has_unfinished:
+            engine.step()
         full_text = self._text(parent)
+        full_nll = reference.nll(parent.output_ids)
         rows = []
         if "full" in self.config.policies:
             for budget in self.config.budgets:
                 rows.append(self._row(sample, ids, "full", budget, len(ids), full_text, full_text,
-                                      parent.peak_decode_cache_len, t_end - t0, self._nll_kl(parent, None)))
-        for (policy, budget), (tokens, free, forced, t_fork) in runs.items():
-            end = max(free.token_times[-1] if free.token_times else t_fork, t_fork)
+                                      parent.metrics.peak_decode_kv_slots, t_end - t0,
+                                      (full_nll, None if full_nll is None else 0.0))
+                            | {"peak_kv_bytes": int(parent.metrics.peak_kv_slots * self.bytes_per_token),
+                               "prefill_s": float(t_prefill)})
+        for (policy, budget), (tokens, free, forced_run, start, shared_prefill) in runs.items():
+            end = max(free.token_times[-1] if free.token_times else start, start)
+            nll_kl = (full_nll, 0.0) if forced_run is None else (forced_run.nll, forced_run.kl)
+            prefill_s = shared_prefill if shared_prefill is not None else (free.first_token_time or end) - start
             rows.append(self._row(sample, ids, policy, budget, tokens, self._text(free), full_text,
-                                  free.peak_decode_cache_len, t_prefill + end - t_fork, self._nll_kl(parent, forced)))
+                                  free.metrics.peak_decode_kv_slots, (shared_prefill or 0.0) + end - start, nll_kl)
+                        | {"peak_kv_bytes": int(free.metrics.peak_kv_slots * self.bytes_per_token),
+                           "prefill_s": float(prefill_s)})
         return rows
 
     def _text(self, seq) -> str:
@@ -152,21 +193,6 @@ class Runner:
         if out and out[-1] in seq.eos_token_ids:
             out = out[:-1]
         return self.tokenizer.decode(out)
-
-    @staticmethod
-    def _nll_kl(parent, forced) -> tuple[float | None, float | None]:
-        """Teacher-forced on the full-cache continuation: forced.logprobs[j] predicts token j+1."""
-        targets = parent.output_ids[1:]
-        if not targets:
-            return None, None
-        full_lp = np.stack(parent.logprobs[1:1 + len(targets)])
-        if forced is None:
-            return nll(target_logprobs(full_lp, targets)), 0.0
-        n = min(len(forced.logprobs), len(targets))
-        if n == 0:
-            return None, None
-        lp = np.stack(forced.logprobs[:n])
-        return nll(target_logprobs(lp, targets[:n])), float(kl_divergence(full_lp[:n], lp))
 
     def _row(self, sample: Sample, ids, policy, budget, tokens, text, full_text, kv_slots, latency, nll_kl) -> dict:
         return {"id": sample.id, "task": sample.task, "length": sample.length, "prompt_tokens": len(ids),
@@ -197,7 +223,7 @@ class Runner:
                 sc.cache_size = max(1, int(round(self.config.cache_size)))
                 if len(ids) > ours.budget:
                     sc.use_cache_eviction = True
-                    sc.cache_eviction_config = to_native_eviction(ours, self.engine.runner.block_size)
+                    sc.cache_eviction_config = to_native_eviction(ours, self.engine.block_size)
                 props = {**(self.config.properties or {}), "KV_CACHE_PRECISION": self.precision}  # equal bytes/token
                 t0 = time.perf_counter()
                 cb = ov_genai.ContinuousBatchingPipeline(str(self.model_dir), sc, self.config.device, props)
@@ -251,7 +277,7 @@ def summarize(rows: list[dict], policies: list[str], budgets: list[float]) -> li
         sel = [r for r in rows if r["policy"] == policy and r["budget"] == budget and r["kv_precision"] == precision]
         if sel:
             mean, ci = mean_and_ci([r["score"] for r in sel])
-            finite = lambda key: [r[key] for r in sel if r[key] is not None]  # noqa: E731
+            finite = lambda key: [r[key] for r in sel if r.get(key) is not None]  # noqa: E731
             summary.append({
                 "policy": policy, "budget": budget, "kv_precision": precision, "n": len(sel), "score": mean,
                 "score_ci95": None if np.isnan(ci) else ci,
@@ -262,6 +288,8 @@ def summarize(rows: list[dict], policies: list[str], budgets: list[float]) -> li
                 "kv_bytes_per_seq": float(np.mean([r["kv_bytes"] for r in sel])),
                 "budget_tokens_mean": float(np.mean([r["budget_tokens"] for r in sel])),
                 "latency_s": float(np.mean([r["latency_s"] for r in sel])),
+                "peak_kv_bytes_per_seq": float(np.mean(finite("peak_kv_bytes"))) if finite("peak_kv_bytes") else None,
+                "prefill_s": float(np.mean(finite("prefill_s"))) if finite("prefill_s") else None,
             })
     return summary
 

@@ -242,6 +242,9 @@ class Policy:
     # True when update() keeps state aligned with the slots (H2O): such a policy needs every layer to
     # hold the same slots, so it cannot follow per-layer budgets (PyramidKV).
     stateful: ClassVar[bool] = False
+    # True when layer_budgets differ between layers (PyramidKV): the engine must let layers hold
+    # different lengths.
+    per_layer_budgets: ClassVar[bool] = False
 
     def update(self, state: Any, scores: np.ndarray) -> tuple[Any, np.ndarray]:
         """Fold one eviction's scores [L, Hq, T] into the state; return (new state, scores to rank by).

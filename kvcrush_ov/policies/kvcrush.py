@@ -286,6 +286,10 @@ class KVCrush(Policy):
     def stateful(self) -> bool:  # type: ignore[override]
         return self.base.stateful
 
+    @property
+    def per_layer_budgets(self) -> bool:  # type: ignore[override]
+        return self.base.per_layer_budgets
+
     def update(self, state, scores: np.ndarray):
         return self.base.update(state, scores)
 

@@ -23,6 +23,7 @@ class PyramidKV(SnapKV):
     Note: the engine needs per-layer cache lengths (past_lens.N) to realise the memory saving."""
 
     name: ClassVar[str] = "pyramidkv"
+    per_layer_budgets: ClassVar[bool] = True
     beta: float = 20.0
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """Token-level mixed precision prototype on SmolLM2-135M: decode latency, memory, attention error.
 
-    .venv/bin/python scripts/mixed_precision_proto.py [--pivotal 1024 --reps 256 --steps 40]
+    .venv/bin/python scripts/mixed_precision/proto.py [--pivotal 1024 --reps 256 --steps 40]
 
 One sequence, decode steps, driven directly (not through the engine). Configurations:
   f16 N          the paged model as the engine runs it, f16 KV pool, N float tokens in context
@@ -26,7 +26,7 @@ import openvino.opset13 as ops
 
 from kvcrush_ov import transforms
 from kvcrush_ov.models import prepare
-from kvcrush_ov.transforms.mixed_precision import (add_representative_attention, bytes_per_token, dequantize_rows,
+from graph_pass import (add_representative_attention, bytes_per_token, dequantize_rows,
                                                    quantize_rows, single_sequence_inputs)
 
 HEAD_SIZE = 64
