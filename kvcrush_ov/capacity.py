@@ -9,11 +9,10 @@ and a timeline (running sequences and KV blocks per step) that is plotted next t
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import shlex
-import textwrap
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,8 @@ import numpy as np
 from .config import GenerationConfig, SchedulerConfig
 from .engine.llm_engine import LLMEngine
 from .engine.sequence import Status
-from .errors import KVCrushError
+from .errors import ConfigError
+from .eviction_config import CacheEvictionConfig
 
 
 @dataclass
@@ -134,51 +134,68 @@ def print_table(results: dict[str, dict[str, CapacitySide]]) -> None:
               f"{r['max_decoding']:.2f}x, output tok/s {r['output_tok_s']:.2f}x")
 
 
-def run_capacity(args: argparse.Namespace) -> dict:
+@dataclass
+class CapacityConfig:
+    """One request stream served by the full cache and by `eviction`, in one pool (scheduler.num_kv_blocks)."""
+
+    model_dir: Path
+    scheduler: SchedulerConfig          # its cache_eviction_config is ignored: each side sets its own
+    eviction: CacheEvictionConfig
+    device: str = "CPU"
+    requests: int = 24
+    prompt_tokens: int = 2048
+    new_tokens: int = 64
+    arrivals: tuple[str, ...] = ("all", "poisson")
+    arrival_rate: float = 0.5           # Poisson arrivals, requests per second
+    seed: int = 0
+    out: Path = Path("capacity.json")
+    command: str = ""                   # how it was run (written into the report and the plot)
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.arrivals if p not in ("all", "poisson")]
+        if bad or not self.arrivals:
+            raise ConfigError(f"arrival patterns are 'all' and 'poisson', got {list(self.arrivals)}")
+        if self.requests < 1 or self.prompt_tokens < 1 or self.new_tokens < 1 or self.arrival_rate <= 0:
+            raise ConfigError("requests, prompt tokens, new tokens and the arrival rate must be positive")
+
+
+def run_capacity(cfg: CapacityConfig) -> dict:
     from .bench import synthetic_prompts
-    from .cli import _eviction_config, _model_dir
     from .pipeline import Tokenizer
 
-    model_dir = _model_dir(args.model)
-    if args.policy in (None, "full"):
-        raise KVCrushError("--capacity compares the full cache with a policy: give --policy (e.g. kvcrush)")
-    eviction = _eviction_config(args)
-    n_blocks = args.num_kv_blocks or 256
-    sched = SchedulerConfig(num_kv_blocks=n_blocks, max_num_batched_tokens=args.max_num_batched_tokens,
-                            max_num_seqs=args.max_num_seqs, kv_cache_precision=args.kv_precision)
-    tok = Tokenizer(model_dir)
-    engine = LLMEngine(model_dir, args.device, sched, enable_eviction=True)
-    prompt_tokens, new_tokens = int(str(args.prompt_tokens).split(",")[0]), int(str(args.new_tokens).split(",")[0])
-    prompts = synthetic_prompts(tok, prompt_tokens, args.requests, seed=args.seed)
+    policy_name = cfg.eviction.policy if isinstance(cfg.eviction.policy, str) else type(cfg.eviction.policy).__name__
+    sched = dataclasses.replace(cfg.scheduler, cache_eviction_config=None)
+    tok = Tokenizer(cfg.model_dir)
+    engine = LLMEngine(cfg.model_dir, cfg.device, sched, enable_eviction=True)
+    n_blocks = engine.blocks.num_blocks
+    prompts = synthetic_prompts(tok, cfg.prompt_tokens, cfg.requests, seed=cfg.seed)
     serve_stream(engine, synthetic_prompts(tok, 64, 1, seed=99), 4, np.zeros(1), None, "warmup", "all")
-    patterns = [p for p in args.arrivals.split(",") if p]
     results: dict[str, dict[str, CapacitySide]] = {}
-    for pattern in patterns:
-        arrivals = arrival_times(len(prompts), pattern, args.arrival_rate, args.seed)
+    for pattern in cfg.arrivals:
+        arrivals = arrival_times(len(prompts), pattern, cfg.arrival_rate, cfg.seed)
         results[pattern] = {}
-        for side, ev in (("full", None), (args.policy, eviction)):
-            print(f"[capacity] {pattern} arrivals, {side}: {len(prompts)} x ({prompt_tokens} + {new_tokens}) "
+        for side, ev in (("full", None), (policy_name, cfg.eviction)):
+            print(f"[capacity] {pattern} arrivals, {side}: {len(prompts)} x ({cfg.prompt_tokens} + {cfg.new_tokens}) "
                   f"tokens in {n_blocks} blocks", file=sys.stderr, flush=True)
-            results[pattern][side] = serve_stream(engine, prompts, new_tokens, arrivals, ev, side, pattern)
+            results[pattern][side] = serve_stream(engine, prompts, cfg.new_tokens, arrivals, ev, side, pattern)
             assert engine.blocks.num_used_blocks == 0
     print_table(results)
-    out = Path(args.out)
-    command = "kvcrush-ov " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = {
-        "command": command, "model": str(model_dir), "device": args.device,
-        "config": {"num_kv_blocks": n_blocks, "block_size": engine.runner.block_size, "requests": args.requests,
-                   "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "policy": args.policy,
-                   "budget": args.budget, "arrival_rate": args.arrival_rate,
-                   "max_num_batched_tokens": args.max_num_batched_tokens,
+        "command": cfg.command, "model": str(cfg.model_dir), "device": cfg.device,
+        "config": {"num_kv_blocks": n_blocks, "block_size": engine.runner.block_size, "requests": cfg.requests,
+                   "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens, "policy": policy_name,
+                   "budget": cfg.eviction.budget, "eviction": repr(cfg.eviction), "arrival_rate": cfg.arrival_rate,
+                   "max_num_batched_tokens": sched.max_num_batched_tokens,
                    "kv_cache_precision": engine.runner.layout.precision},
     }
     for pattern, sides in results.items():
-        key = "capacity" if pattern == patterns[0] else f"capacity_{pattern}"
-        full, policy = sides["full"], sides[args.policy]
+        key = "capacity" if pattern == cfg.arrivals[0] else f"capacity_{pattern}"
+        full, policy = sides["full"], sides[policy_name]
         report[key] = {"arrivals": pattern, "full": full.row(), "policy": policy.row(), "ratio": ratio(full, policy)}
     report["timelines"] = {p: {s: v.timeline for s, v in sides.items()} for p, sides in results.items()}
+    out = Path(cfg.out)
     out.write_text(json.dumps(report, indent=1))
     png = out.with_suffix(".png")
-    plot(results, png, f"{command}\n{model_dir.name}, {n_blocks} blocks x {engine.runner.block_size} tokens")
+    plot(results, png, f"{cfg.command}\n{Path(cfg.model_dir).name}, {n_blocks} blocks x {engine.runner.block_size} tokens")
     print(f"wrote {out} and {png}")
     return report

@@ -95,8 +95,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     if args.capacity:
-        from .capacity import run_capacity
-        run_capacity(args)
+        import shlex
+
+        from .capacity import CapacityConfig, run_capacity
+        eviction = _eviction_config(args)
+        if eviction is None:
+            raise KVCrushError("--capacity compares the full cache with a policy: give --policy (e.g. kvcrush)")
+        run_capacity(CapacityConfig(
+            _model_dir(args.model), _scheduler_config(args), eviction, device=args.device, requests=args.requests,
+            prompt_tokens=_ints(args.prompt_tokens, "--prompt-tokens")[0],
+            new_tokens=_ints(args.new_tokens, "--new-tokens")[0],
+            arrivals=tuple(p for p in args.arrivals.split(",") if p), arrival_rate=args.arrival_rate, seed=args.seed,
+            out=Path(args.out), command="kvcrush-ov " + " ".join(shlex.quote(a) for a in sys.argv[1:])))
         return
     from .bench import BenchConfig, run_bench
     run_bench(BenchConfig(_model_dir(args.model), _scheduler_config(args), device=args.device, backend=args.backend,
