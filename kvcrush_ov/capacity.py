@@ -192,9 +192,11 @@ def run_capacity(cfg: CapacityConfig) -> dict:
         key = "capacity" if pattern == cfg.arrivals[0] else f"capacity_{pattern}"
         full, policy = sides["full"], sides[policy_name]
         report[key] = {"arrivals": pattern, "full": full.row(), "policy": policy.row(), "ratio": ratio(full, policy)}
-    report["timelines"] = {p: {s: v.timeline for s, v in sides.items()} for p, sides in results.items()}
     out = Path(cfg.out)
+    timelines = out.with_suffix(".timelines.json")  # per step, compact: the plot's data
+    report["timelines_file"] = timelines.name
     out.write_text(json.dumps(report, indent=1))
+    timelines.write_text(json.dumps({p: {s: v.timeline for s, v in sides.items()} for p, sides in results.items()}))
     png = out.with_suffix(".png")
     plot(results, png, f"{cfg.command}\n{Path(cfg.model_dir).name}, {n_blocks} blocks x {engine.runner.block_size} tokens")
     print(f"wrote {out} and {png}")

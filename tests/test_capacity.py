@@ -25,5 +25,5 @@ def test_capacity_bench_reports_both_sides_and_the_ratio(tiny_llama_dir, tmp_pat
         assert full["max_decoding"] <= 2 < policy["max_decoding"]
         assert cap["ratio"]["max_running"] == policy["max_running"] / full["max_running"]
         assert full["preemptions"] > 0 and policy["preemptions"] <= full["preemptions"]
-    timeline = report["timelines"]["all"]["full"]
+    timeline = json.loads((tmp_path / report["timelines_file"]).read_text())["all"]["full"]
     assert len(timeline["t"]) == len(timeline["kv_blocks"]) and max(timeline["kv_blocks"]) <= 32
