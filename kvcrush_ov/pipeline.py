@@ -147,8 +147,11 @@ class LLMPipeline:
         self.generation_config = GenerationConfig.from_any(config)
 
     def generate(self, inputs: str | list[str], generation_config: Any = None, streamer: Streamer | None = None,
-                 progress: bool = False, **kwargs: Any) -> DecodedResults:
+                 progress: bool = False, eviction: Any = "default", **kwargs: Any) -> DecodedResults:
         """Generate for one prompt or a batch. Extra kwargs override generation_config fields.
+
+        eviction: "default" (the scheduler config's), None (full cache) or a CacheEvictionConfig for
+        these requests (without a default config, build the pipeline with enable_eviction=True).
 
         Thread-safe: calls from several threads join one running batch (the engine loop's).
         """
@@ -160,11 +163,14 @@ class LLMPipeline:
             raise ConfigError("a streamer can only be used with a single prompt (as in openvino_genai)")
         token_ids = [self.tokenizer.prepare(p, config.apply_chat_template) for p in prompts]
         if self.native is not None:
+            if not (isinstance(eviction, str) and eviction == "default"):
+                raise ConfigError("per-request eviction needs backend='ours'; the native backend takes its "
+                                  "eviction from the scheduler config")
             with self._native_lock:
                 res = self.native.generate(prompts, to_native_generation(config))
             return DecodedResults(texts=list(res.texts), scores=list(res.scores),
                                   prompt_lengths=[len(t) for t in token_ids])
-        seqs, _ = self._run(token_ids, config, streamer, progress)
+        seqs, _ = self._run(token_ids, config, streamer, progress, eviction)
         return self.results(seqs, config)
 
     def results(self, seqs: list[Sequence], config: GenerationConfig) -> DecodedResults:

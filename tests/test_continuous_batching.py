@@ -194,3 +194,13 @@ def test_a_bug_in_the_loop_fails_requests_instead_of_hanging_them(cb):
     assert cb.engine.blocks.num_used_blocks == 0
     again = cb.add_request("y", PROMPTS[0], greedy(3))
     assert again.wait(60) and again.get_status() is GenerationStatus.FINISHED
+
+
+def test_llm_pipeline_takes_per_request_eviction(tiny_llama_dir):
+    pipe = kvcrush_ov.LLMPipeline(tiny_llama_dir, scheduler_config=SchedulerConfig(cache_size=0.05),
+                                  enable_eviction=True, **F32)
+    prompt = PROMPTS[3] * 3
+    small = CacheEvictionConfig("streaming", budget=64, options={"sink_tokens": 4, "recent_tokens": 16})
+    res = pipe.generate(prompt, max_new_tokens=8, eviction=small)
+    full = pipe.generate(prompt, max_new_tokens=8)
+    assert res.evictions[0] >= 1 and res.kv_bytes[0] < full.kv_bytes[0] and full.evictions[0] == 0
