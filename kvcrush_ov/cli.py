@@ -30,7 +30,16 @@ def _eviction_config(args: argparse.Namespace, policy: str | None = None, budget
     if policy in (None, "full"):
         return None
     options = parse_options(getattr(args, "policy_option", None) or [])
-    return CacheEvictionConfig(policy, budget=budget or args.budget, options=options)
+    return CacheEvictionConfig(policy, budget=budget or args.budget, options=options, prefill=args.prefill,
+                               prefill_chunk=args.prefill_chunk)
+
+
+def _add_prefill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill", choices=["chunked", "after"], default="chunked",
+                   help="chunked: compact during prefill (memory bounded; prompts longer than the pool run); "
+                        "after: cache the whole prompt, then evict")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="chunked prefill: prompt tokens cached between compactions (0 = the budget)")
 
 
 def _scheduler_config(args: argparse.Namespace, eviction=None):
@@ -59,6 +68,7 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="KV tokens kept per sequence per layer, sinks/recent/representatives included")
     p.add_argument("--policy-option", action="append", metavar="KEY=VALUE",
                    help="a policy option, e.g. window=8, representative_fraction=0.25, anchors=mean (repeatable)")
+    _add_prefill_args(p)
     p.add_argument("--backend", choices=["ours", "native"], default="ours",
                    help="our engine, or openvino_genai's own pipeline and eviction")
 
@@ -141,19 +151,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
     properties = {"INFERENCE_PRECISION_HINT": args.inference_precision} if args.inference_precision else None
     config = EvalConfig(policies=[p for p in args.policies.split(",") if p], budgets=budgets, device=args.device,
                         cache_size=args.cache_size, policy_options=options or None, seed=args.seed,
-                        budget_bytes=bool(args.budget_bytes), properties=properties)
+                        budget_bytes=bool(args.budget_bytes), properties=properties, reference=args.reference or None)
     precisions = [p or None for p in args.kv_precisions.split(",")] if args.kv_precisions else None
     tok = Tokenizer(model_dir)
     kwargs = {}
-    if args.suite == "ruler-mini":
+    if args.suite in ("ruler-mini", "real-text"):
         kwargs = {"lengths": tuple(int(n) for n in args.lengths.split(",")), "samples_per_task": args.samples_per_task,
                   "seed": args.seed}
+        if args.suite == "real-text":
+            kwargs["split"] = args.split
         if args.tasks:
             kwargs["tasks"] = args.tasks.split(",")
     samples = load_suite(args.suite, lambda text: len(tok.encode(text, add_special_tokens=False)), **kwargs)
     if args.limit:
         samples = samples[: args.limit]
-    meta = {"suite": args.suite, "command": "kvcrush-ov " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "seed": args.seed}
+    meta = {"suite": args.suite + (f" ({args.split} split)" if args.suite == "real-text" else ""), "command": "kvcrush-ov " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "seed": args.seed}
     result = run_eval(model_dir, samples, config, Path(args.out), meta, kv_precisions=precisions)
     print((Path(args.out) / "report.md").read_text())
     print(f"wrote {Path(args.out) / 'results.json'}, report.md, plot.png ({len(result['samples'])} rows)")
@@ -161,8 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
-    run_demo(_model_dir(args.model), args.device, _scheduler_config(args),
-             budget_fraction=args.budget_fraction)
+    run_demo(_model_dir(args.model), args.device, _scheduler_config(args), budget_fraction=args.budget_fraction)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="full", help="eviction policy for both backends (native: snapkv, h2o, kvcrush-block)")
     p.add_argument("--budget", type=int, default=512, help="KV tokens kept per sequence per layer")
     p.add_argument("--policy-option", action="append", metavar="KEY=VALUE")
+    _add_prefill_args(p)
     p.add_argument("--out", default="bench.json")
     p.add_argument("--capacity", action="store_true",
                    help="capacity of one fixed pool (--num-kv-blocks): full cache vs --policy on one request stream")
@@ -221,12 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="CPU")
     p.add_argument("--cache-size", type=float, default=1.0)
-    p.add_argument("--suite", default="ruler-mini", help="ruler-mini or a .jsonl file")
+    p.add_argument("--suite", default="ruler-mini", help="ruler-mini, real-text or a .jsonl file")
+    p.add_argument("--split", choices=["tuning", "reporting"], default="reporting",
+                   help="real-text: which half of the source texts (tune on one, report on the other)")
+    p.add_argument("--reference", default="",
+                   help="a policy of --policies: every row gets paired differences to it (bootstrap 95%% CI)")
     p.add_argument("--policies", default="full,streaming,h2o,snapkv,pyramidkv,kvcrush,kvcrush-block,native-snapkv,native-kvcrush")
     p.add_argument("--budgets", default="0.125,0.25,0.5", help="below 1: fraction of each prompt; from 1: tokens")
     p.add_argument("--lengths", default="1024,2048", help="ruler-mini prompt lengths in tokens")
     p.add_argument("--samples-per-task", type=int, default=3)
-    p.add_argument("--tasks", default="", help="ruler-mini tasks (default: all)")
+    p.add_argument("--tasks", default="", help="suite tasks (default: all)")
     p.add_argument("--limit", type=int, default=0, help="first N samples only")
     p.add_argument("--policy-option", action="append", metavar="POLICY.KEY=VALUE")
     p.add_argument("--seed", type=int, default=0)

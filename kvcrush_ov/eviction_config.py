@@ -26,10 +26,12 @@ class CacheEvictionConfig:
     options: dict[str, Any] = field(default_factory=dict)
     evict_during_decode: bool = True
     score_window: int = 0  # queries scored per eviction; 0 = the policy's window (or 32 if it accumulates)
-    # "chunked": the prompt is prefilled chunk by chunk and compacted between chunks, so a sequence never
-    # holds more than budget + one chunk + one block (prompts longer than the pool run); "after": the
-    # whole prompt is cached once, then evicted (scores then see the whole prompt, memory does not).
+    # "chunked": the prompt is compacted each time prefill_chunk more of its tokens are cached, so a
+    # sequence never holds more than budget + prefill_chunk + one block (prompts longer than the pool
+    # run); "after": the whole prompt is cached once, then evicted (one eviction, unbounded memory).
     prefill: str = "chunked"
+    prefill_chunk: int = 0  # "chunked": prompt tokens added between two compactions; 0 = the budget
+    prefill_window: int = 0  # "chunked": newest queries scored at compactions inside the prompt; 0 = window
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1:
@@ -42,6 +44,12 @@ class CacheEvictionConfig:
                               f"got {self.policy!r}")
         if not isinstance(self.options, dict):
             raise ConfigError(f"CacheEvictionConfig.options must be a dict of policy options, got {self.options!r}")
+        if not isinstance(self.prefill_chunk, int) or isinstance(self.prefill_chunk, bool) or self.prefill_chunk < 0:
+            raise ConfigError(f"CacheEvictionConfig.prefill_chunk must be an integer >= 0 (0 = the budget), "
+                              f"got {self.prefill_chunk!r}")
+        if not isinstance(self.prefill_window, int) or isinstance(self.prefill_window, bool) or self.prefill_window < 0:
+            raise ConfigError(f"CacheEvictionConfig.prefill_window must be an integer >= 0 (0 = the policy's "
+                              f"window), got {self.prefill_window!r}")
         if self.prefill not in PREFILL_MODES:
             raise ConfigError(f"CacheEvictionConfig.prefill must be one of {', '.join(map(repr, PREFILL_MODES))}, "
                               f"got {self.prefill!r}")

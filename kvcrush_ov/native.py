@@ -31,15 +31,20 @@ def to_native_eviction(config: CacheEvictionConfig, block_size: int = 32) -> ov_
     o = config.options
     start = _round_down(int(o.get("sink_tokens", defaults.SINK_TOKENS)), block_size)
     recent = _round_down(int(o.get("recent_tokens", defaults.RECENT_TOKENS)), block_size)
+    total = _round_down(config.budget, block_size)
+    # Small budgets: shrink the protected windows (block by block) before giving up, as a user would.
+    while total <= start + recent and recent > block_size:
+        recent -= block_size
+    while total <= start + recent and start > block_size:
+        start -= block_size
     crush_blocks = 0
     if config.policy == "kvcrush-block":
-        crush_blocks = int(o.get("budget_blocks") or max(1, round(0.25 * config.budget / block_size)))
-    max_size = _round_down(config.budget - crush_blocks * block_size, block_size)
-    # Small budgets: shrink the protected windows (block by block) before giving up, as a user would.
-    while max_size <= start + recent and recent > block_size:
-        recent -= block_size
-    while max_size <= start + recent and start > block_size:
-        start -= block_size
+        # the split rule of our kvcrush/kvcrush-block: a fraction of the selectable part (minus start/recent)
+        fraction = float(o.get("representative_fraction", 0.25))
+        given = o.get("budget_blocks")
+        crush_blocks = int(given) if given is not None else int(fraction * (total - start - recent) / block_size + 1e-9)
+        crush_blocks = max(0, min(crush_blocks, (total - start - recent) // block_size - 1))
+    max_size = total - crush_blocks * block_size
     if max_size <= start + recent:
         raise ConfigError(f"budget {config.budget} leaves no evictable room natively (max_cache_size {max_size} "
                           f"<= start {start} + recent {recent}); raise the budget")

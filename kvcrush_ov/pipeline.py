@@ -46,6 +46,7 @@ class DecodedResults:
     finish_reasons: list[str] = field(default_factory=list)
     prompt_lengths: list[int] = field(default_factory=list)
     kv_bytes: list[int] = field(default_factory=list)
+    peak_kv_bytes: list[int] = field(default_factory=list)  # at any time, prefill included (longest layer)
     evictions: list[int] = field(default_factory=list)
     tokens_evicted: list[int] = field(default_factory=list)
     eviction_seconds: list[float] = field(default_factory=list)
@@ -185,6 +186,7 @@ class LLMPipeline:
             finish_reasons=[s.finish_reason.value for s in seqs],
             prompt_lengths=[s.num_prompt_tokens for s in seqs],
             kv_bytes=[int(round(s.metrics.peak_decode_kv_slots * bpt)) for s in seqs],
+            peak_kv_bytes=[s.metrics.peak_kv_slots * bpt for s in seqs],
             evictions=[s.metrics.evictions for s in seqs],
             tokens_evicted=[s.metrics.tokens_evicted for s in seqs],
             eviction_seconds=[s.metrics.eviction_seconds for s in seqs],

@@ -185,7 +185,8 @@ def test_decode_scores_after_compaction_match_masked_hf_attention(ids):
     e = LLMEngine(model_dir, "CPU", SchedulerConfig(cache_size=0.05, max_num_batched_tokens=len(ids)), F32,
                   enable_eviction=True)
     s = e.add_request(ids, GenerationConfig(max_new_tokens=8, ignore_eos=True),
-                      eviction=CacheEvictionConfig("streaming", budget=budget, options=SMALL), query_window=1)
+                      eviction=CacheEvictionConfig("streaming", budget=budget, options=SMALL, prefill="after"),
+                      query_window=1)
     e.step()  # prefill + eviction to the budget
     assert s.metrics.evictions == 1 and e.blocks.cache_len(s.seq_id) == budget
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir("tiny-llama"), dtype=torch.float32,

@@ -89,8 +89,8 @@ def step_capturing_first_eviction(e: LLMEngine) -> dict:
 @pytest.mark.parametrize("policy", POLICIES)
 def test_eviction_compacts_kept_rows_per_head(tiny_llama_dir, tok, policy):
     ids = tok.prepare(PROMPT, True)
-    e = make_engine(tiny_llama_dir, CacheEvictionConfig(policy, budget=48, options=small_options(policy)),
-                    max_num_batched_tokens=len(ids))  # the prompt in one chunk
+    e = make_engine(tiny_llama_dir, CacheEvictionConfig(policy, budget=48, options=small_options(policy), prefill="after"),
+                    max_num_batched_tokens=len(ids))  # the prompt in one chunk, then one eviction
     s = e.add_request(ids, GenerationConfig(max_new_tokens=2, ignore_eos=True))
     captured = step_capturing_first_eviction(e)  # prefill + eviction
     assert e.blocks.cache_len(s.seq_id) == 48 and s.metrics.tokens_evicted == len(ids) - 48
@@ -115,7 +115,7 @@ def test_generation_after_eviction_matches_masked_hf_reference(tok):
     model_dir = prepare("tiny-llama", "fp32")
     ids = tok.prepare(PROMPT, True)
     budget = 40
-    e = make_engine(model_dir, CacheEvictionConfig("streaming", budget=budget, options=SMALL),
+    e = make_engine(model_dir, CacheEvictionConfig("streaming", budget=budget, options=SMALL, prefill="after"),
                     max_num_batched_tokens=len(ids))
     s = e.add_request(ids, GenerationConfig(max_new_tokens=4, ignore_eos=True))
     logits = []
@@ -160,7 +160,8 @@ def test_decode_time_eviction_keeps_cache_within_budget(tiny_llama_dir, tok):
 def test_fork_fans_one_prefill_out_to_policies(tiny_llama_dir, tok):
     ids = tok.prepare(PROMPT, True)
     cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True)
-    configs = {p: CacheEvictionConfig(p, budget=48, options=small_options(p)) for p in ("streaming", "snapkv", "kvcrush")}
+    configs = {p: CacheEvictionConfig(p, budget=48, options=small_options(p), prefill="after")  # as a fork does
+               for p in ("streaming", "snapkv", "kvcrush")}
     alone = {}
     for name, ev in configs.items():
         e = make_engine(tiny_llama_dir, ev)
@@ -260,10 +261,11 @@ def test_eviction_on_quantized_and_half_caches(tiny_llama_dir, tok, precision):
 
 def test_native_translation_keeps_total_tokens_and_fits_small_budgets():
     from kvcrush_ov.native import to_native_eviction
+    n = to_native_eviction(CacheEvictionConfig("kvcrush-block", budget=512))
+    # 25% of the 416 selectable tokens -> 3 KVCrush blocks on top of max_cache_size, 512 in total
+    assert (n.get_max_cache_size(), n.kvcrush_config.budget, n.snapkv_window_size) == (416, 3, 8)
     n = to_native_eviction(CacheEvictionConfig("kvcrush-block", budget=132))
-    # one KVCrush block (25%) sits on top of max_cache_size: 96 + 32 <= 132 tokens in total
-    assert n.get_max_cache_size() + n.kvcrush_config.budget * 32 <= 132
-    assert n.get_start_size() + n.get_recent_size() < n.get_max_cache_size()
+    assert n.get_start_size() + n.get_recent_size() < n.get_max_cache_size() <= 132
     n = to_native_eviction(CacheEvictionConfig("snapkv", budget=512))
     assert (n.get_start_size(), n.get_recent_size(), n.get_max_cache_size(), n.snapkv_window_size) == (32, 64, 512, 8)
     with pytest.raises(kvcrush_ov.ConfigError, match="natively"):

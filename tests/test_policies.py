@@ -15,7 +15,7 @@ from kvcrush_ov.policies import (KVCRUSH_BASES, POLICIES, H2O, AttentionStats, F
                                  KVCrushBlock, KVCrushConfig, PyramidKV, SnapKV, StreamingLLM,
                                  make_policy)
 from kvcrush_ov.policies.base import pool_tokens, topk_keep_mask
-from kvcrush_ov.policies.kvcrush import (anchor_keys, bucket_bounds, bucket_representatives,
+from kvcrush_ov.policies.kvcrush import (anchor_keys, diffuseness, split_by_layer, bucket_bounds, bucket_representatives,
                                          hamming, make_anchor, pack_signatures, token_signatures)
 from kvcrush_ov.policies.kvcrush_block import (block_anchor, block_hamming, block_indicators,
                                                select_blocks_at_stride)
@@ -203,25 +203,34 @@ def test_buckets_and_representatives_by_hand():
 # ------------------------------------------------------------------------------------------------
 # KVCrush end to end vs a loop reference of the paper
 # ------------------------------------------------------------------------------------------------
-def reference_kvcrush(scores, sink, recent, budget, n_rep, threshold, anchors, combine, top_fraction):
-    """Slow, obviously-correct reading: H2O base on the sum over all heads, then the paper's steps
-    token by token with exact fractions."""
+def reference_kvcrush(scores, hkv, sink, recent, budget, fraction, threshold, anchors, combine, top_fraction,
+                      span=1, pick="medoid"):
+    """Slow reading written from the paper's description (not from the policy's code), per layer:
+    the H2O base keeps its top tokens per KV head (group-summed attention) at budget - R, R a fraction
+    of what lies above sinks + recent; tokens no KV head kept are the evicted ones; each gets one bit
+    per attention head (above that head's threshold over the evicted tokens); Hamming distance to the
+    anchor(s) orders them; R equal groups in that order; each group's token nearest the group's
+    centre (then the earliest) is kept for every KV head. With span s, R // s groups each keep their
+    token and its evicted neighbours within s // 2; a head left short takes its own next-best tokens.
+    pick="best": a group keeps its member with the highest base score (mean over KV heads) instead."""
     L, H, T = scores.shape
-    keep = np.zeros((L, T), dtype=bool)
+    g = H // hkv
+    keep = np.zeros((L, hkv, T), dtype=bool)
+    n_rep = int(fraction * (budget - sink - recent) + 1e-9)
     for l in range(L):
         if T <= budget:
             keep[l] = True
             continue
-        total = scores[l].sum(axis=0)
+        per_head = [scores[l, j * g:(j + 1) * g].sum(axis=0) for j in range(hkv)]
         middle = list(range(sink, T - recent))
         k = budget - n_rep - sink - recent
-        top = sorted(middle, key=lambda t: -total[t])[:k]
-        base = set(range(sink)) | set(range(T - recent, T)) | set(top)
-        cand = [t for t in range(T) if t not in base]
+        protected = set(range(sink)) | set(range(T - recent, T))
+        base = [protected | set(sorted(middle, key=lambda t: -per_head[j][t])[:k]) for j in range(hkv)]
+        cand = [t for t in range(T) if all(t not in b for b in base)]
         n = len(cand)
-        kept = set(base)
+        reps = set()
         if n <= n_rep:
-            kept |= set(cand)
+            reps = set(cand)
         elif n_rep > 0:
             sig = {t: [] for t in cand}
             for h in range(H):
@@ -248,30 +257,42 @@ def reference_kvcrush(scores, sink, recent, budget, n_rep, threshold, anchors, c
                     d = sum(x != y for x, y in zip(sig[t], a))
                     key[t] = key[t] + d if combine == "sum" else key[t] * (H + 1) + d
             order = sorted(cand, key=lambda t: (key[t], t))
-            for bucket in np.array_split(np.array(order), n_rep):
+            if n_rep < span:  # no room for one whole span: single tokens
+                span = 1
+            for bucket in np.array_split(np.array(order), n_rep // span):
                 bucket = bucket.tolist()
                 centre = [Fraction(sum(sig[t][h] for t in bucket), len(bucket)) for h in range(H)]
-                kept.add(min(bucket, key=lambda t: (sum(abs(x - c) for x, c in zip(sig[t], centre)), t)))
-        keep[l, sorted(kept)] = True
+                if pick == "best":
+                    importance = np.stack(per_head).mean(axis=0)
+                    rep = min(bucket, key=lambda t: (-importance[t], t))
+                else:
+                    rep = min(bucket, key=lambda t: (sum(abs(x - c) for x, c in zip(sig[t], centre)), t))
+                reps |= {t for t in range(rep - span // 2, rep + span // 2 + 1) if t in sig}
+        for j in range(hkv):
+            kept = base[j] | reps
+            rest = sorted((t for t in range(T) if t not in kept), key=lambda t: -per_head[j][t])
+            kept |= set(rest[: budget - len(kept)])
+            keep[l, j, sorted(kept)] = True
     return keep
 
 
 @SETTINGS
-@given(st.integers(1, 3), st.integers(1, 2), st.integers(1, 4), st.integers(8, 70), st.integers(0, 3),
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(8, 70), st.integers(0, 3),
        st.integers(0, 3), st.integers(0, 40), st.sampled_from(["mean", "median", "top"]),
        st.sampled_from([("mean",), ("zeros",), ("alternate",), ("mean", "alternate"), ("ones", "zeros")]),
-       st.sampled_from(["sum", "lex"]), st.sampled_from([0.25, 0.5, 0.0, 1.0]), st.integers(0, 2**16))
+       st.sampled_from(["sum", "lex"]), st.sampled_from([0.25, 0.5, 0.0, 1.0]), st.sampled_from([1, 1, 3]),
+       st.sampled_from(["medoid", "best"]), st.integers(0, 2**16))
 def test_kvcrush_matches_loop_reference(L, hkv, g, T, sink, recent, extra, threshold, anchors, combine,
-                                        frac, seed):
+                                        frac, span, pick, seed):
     stats = random_stats(seed, L, hkv, g, T)
     budget = sink + recent + extra
     cfg = KVCrushConfig(representative_fraction=frac, threshold=threshold, anchors=anchors,
-                        anchor_combine=combine, top_fraction=0.3)
+                        anchor_combine=combine, top_fraction=0.3, span=span, pick=pick)
     p = KVCrush(base=H2O(sink_tokens=sink, recent_tokens=recent), config=cfg)
     got = p.keep_mask(stats, budget)
-    want = reference_kvcrush(stats.scores, sink, recent, budget, p.num_representatives(budget),
-                             threshold, anchors, combine, 0.3)
-    np.testing.assert_array_equal(got, np.repeat(want[:, None, :], hkv, axis=1))
+    want = reference_kvcrush(stats.scores, hkv, sink, recent, budget, frac, threshold, anchors, combine, 0.3,
+                             span, pick)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_kvcrush_by_hand():
@@ -279,9 +300,9 @@ def test_kvcrush_by_hand():
     s = np.zeros((1, 2, 10), dtype=np.float32)
     s[0, 0] = [0, 0.9, 0.8, 0.1, 0.2, 3.0, 0.7, 0.05, 0.3, 0]
     s[0, 1] = [0, 0.1, 0.2, 0.9, 0.8, 3.0, 0.05, 0.6, 0.7, 0]
-    cfg = KVCrushConfig(representative_fraction=0.5, threshold="median", anchors=("zeros",))
+    cfg = KVCrushConfig(representative_fraction=0.75, threshold="median", anchors=("zeros",), pick="medoid")
     p = KVCrush(base=H2O(sink_tokens=1, recent_tokens=1), config=cfg)
-    assert p.num_representatives(6) == 3  # base keeps 0, 9, 5 (budget 3); candidates 1-4, 6-8
+    assert p.num_representatives(6) == 3  # 0.75 of the 4 selectable; base keeps 0, 9, 5 (budget 3)
     # head0 candidate scores 1:.9 2:.8 3:.1 4:.2 6:.7 7:.05 8:.3 -> median .3 -> bits on 1,2,6
     # head1 1:.1 2:.2 3:.9 4:.8 6:.05 7:.6 8:.7 -> median .6 -> bits on 3,4,8
     # signatures 1:10 2:10 3:01 4:01 6:10 7:00 8:01; distance to 00: all 1 except t7 (0)
@@ -291,25 +312,77 @@ def test_kvcrush_by_hand():
     assert np.flatnonzero(m[0, 0]).tolist() == [0, 1, 3, 5, 6, 9]
 
 
-def test_kvcrush_contains_base_and_shares_rows_across_kv_heads():
+def test_kvcrush_keeps_the_base_per_kv_head_and_adds_shared_representatives():
     stats = random_stats(1, 3, 3, 3, 300)
     p = make_policy("kvcrush", base="snapkv", sink_tokens=4, recent_tokens=16, window=8)
     m = p.keep_mask(stats, budget=100)
     r = p.num_representatives(100)
-    assert r == 25
-    base_alone = p.base.score(stats).mean(axis=1, keepdims=True)
-    base_mask = topk_keep_mask(base_alone, 100 - r, 4, 16)
-    assert (m >= base_mask).all()
-    assert (m == m[:, :1]).all()
+    assert r == 8  # 0.1 of the 80 selectable slots, not of the budget
+    base = p.base.keep_mask(stats, 100 - r)
+    assert (m >= base).all() and (m.sum(-1) == 100).all()
+    assert not (base == base[:, :1]).all()  # the base chose per KV head ...
+    reps = m & ~base
+    assert (reps == reps[:, :1]).all()  # ... the representatives are the same for every head
+    assert (reps.sum(-1) == r).all() and not (reps[:, 0] & base.any(axis=1)).any()
     assert p.score_source == "window" and p.window == 8 and p.sink_tokens == 4
 
 
-def test_kvcrush_per_kv_head_mode_counts():
-    stats = random_stats(2, 2, 3, 2, 120)
-    p = KVCrush(base=SnapKV(sink_tokens=2, recent_tokens=4, window=4),
-                config=KVCrushConfig(shared_across_kv_heads=False))
-    m = p.keep_mask(stats, 40)
-    assert (m.sum(-1) == 40).all()
+@SETTINGS
+@given(st.sampled_from(KVCRUSH_BASES), st.integers(1, 4), st.integers(1, 3), st.integers(40, 200),
+       st.integers(0, 100), st.integers(0, 2**16))
+def test_kvcrush_without_representatives_is_its_base(base, L, hkv, T, extra, seed):
+    stats = random_stats(seed, L, hkv, 3, T)
+    kw = {"window": 4} if base in ("snapkv", "pyramidkv") else {}
+    p = make_policy("kvcrush", base=base, sink_tokens=4, recent_tokens=8, representative_fraction=0.0, **kw)
+    np.testing.assert_array_equal(p.keep_mask(stats, 12 + extra), p.base.keep_mask(stats, 12 + extra))
+    np.testing.assert_array_equal(p.layer_budgets(L, 12 + extra, T), p.base.layer_budgets(L, 12 + extra, T))
+
+
+def test_kvcrush_split_never_starves_the_base():
+    p = make_policy("kvcrush", base="snapkv", representative_fraction=0.25)  # sinks 32 + recent 64
+    assert p.num_representatives(96) == 0 and p.num_representatives(128) == 8
+    assert p.num_representatives(256) == 40  # 25% of the 160 selectable slots
+
+
+def test_kvcrush_dynamic_split_moves_representatives_to_diffuse_layers():
+    rng = np.random.default_rng(3)
+    s = rng.random((2, 4, 400)).astype(np.float32)
+    s[1] **= 40  # layer 1: a few tokens take nearly all the mass (concentrated)
+    stats = stats_of(s, 2)
+    p = make_policy("kvcrush", base="snapkv", sink_tokens=4, recent_tokens=8, window=4, dynamic_split=True)
+    r = p.num_representatives(112)
+    d = diffuseness(p.base.score(stats), p.base.keep_mask(stats, 112 - r), 4, 8)
+    assert d[0] > d[1]
+    reps = split_by_layer(d, 2 * r, np.array([112, 112]))
+    assert reps.sum() == 2 * r and reps[0] > r > reps[1]
+    m = p.keep_mask(stats, 112)
+    assert (m.sum(-1) == 112).all()
+    # each layer's base holds budget - R_l per KV head: the diffuse layer's base gave up more slots
+    base = topk_keep_mask(p.base.score(stats), 112 - reps, 4, 8)
+    assert (m >= base).all()
+    assert split_by_layer(np.array([1.0, 0.0, 1.0]), 7, np.array([2, 9, 9])).tolist() == [2, 0, 5]
+
+
+def test_kvcrush_span_keeps_neighbours():
+    stats = random_stats(5, 2, 3, 3, 400)
+    p = make_policy("kvcrush", base="snapkv", sink_tokens=4, recent_tokens=16, window=8, span=3)
+    m = p.keep_mask(stats, 150)
+    assert (m.sum(-1) == 150).all()
+    reps = (m & ~p.base.keep_mask(stats, 150 - p.num_representatives(150)))[:, 0]
+    runs = np.diff(np.flatnonzero(reps[0])) == 1
+    assert runs.mean() > 0.4  # mostly contiguous triples, not isolated points
+
+
+def test_kvcrush_forwards_state_hooks_to_its_base():
+    class Base(H2O):
+        def update(self, state, scores):
+            return ("updated", state, scores)
+
+        def compact(self, state, keep):
+            return ("compacted", state, keep)
+
+    p = KVCrush(base=Base())
+    assert p.update(1, 2) == ("updated", 1, 2) and p.compact(3, 4) == ("compacted", 3, 4)
 
 
 def test_kvcrush_over_streaming_asks_for_scores():
@@ -361,8 +434,8 @@ def test_kvcrush_block_end_to_end():
     mid = m[:, 0, 32:-64]
     blocks = mid[:, : (mid.shape[1] // 32) * 32].reshape(2, -1, 32)
     assert (blocks.all(-1).sum(-1) >= 7).all()  # 224 middle slots = 7 whole blocks
-    assert p.score_source == "accumulated"
-    assert KVCrushBlock(window=8).score_source == "window"
+    assert p.score_source == "window"
+    assert KVCrushBlock(window=0).score_source == "accumulated"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,7 +453,7 @@ def build(name: str, sink: int, recent: int, seed: int):
         return make_policy("kvcrush", base=base, sink_tokens=sink, recent_tokens=recent,
                            anchors=("random", "mean"), seed=seed, **kw)
     if name == "kvcrush-block":
-        return KVCrushBlock(sink_tokens=sink, recent_tokens=recent, block_size=1 + seed % 5,
+        return KVCrushBlock(sink_tokens=sink, recent_tokens=recent, block_size=1 + seed % 5, window=min(recent, 8),
                             anchor=["mean", "random", "zeros"][seed % 3], seed=seed)
     return make_policy(name, sink_tokens=sink, recent_tokens=recent)
 
@@ -428,6 +501,9 @@ BAD_CONFIGS = [
     ("kvcrush", {"base": "full"}, "base"),
     ("kvcrush", {"base": "nope"}, "base"),
     ("kvcrush", {"seed": -3}, "seed"),
+    ("kvcrush", {"span": 2}, "span"),
+    ("kvcrush", {"pick": "max"}, "pick"),
+    ("kvcrush", {"dynamic_split": "yes"}, "dynamic_split"),
     ("kvcrush-block", {"block_size": 0}, "block_size"),
     ("kvcrush-block", {"anchor": "median"}, "anchor"),
     ("kvcrush-block", {"budget_blocks": -1}, "budget_blocks"),

@@ -2,30 +2,44 @@
 
 The kernel's `scores.N` is summed over heads; these are per query head. The W queries are the W
 newest cache slots, so query i may see slots up to T - W + i (causal mask inside the window).
+Every function takes optional leading axes (e.g. layers) so that one call scores a whole model.
 """
 from __future__ import annotations
 
 import numpy as np
 
 
-def window_probabilities(queries: np.ndarray, keys: np.ndarray, scale: float) -> np.ndarray:
-    """queries [W, Hq, hd] (post-RoPE), keys [Hkv, T, hd] -> softmax probabilities [Hq, W, T].
-
-    Query head h reads KV head h // (Hq // Hkv) (GQA)."""
-    w, hq, hd = queries.shape
-    hkv, t, _ = keys.shape
+def _window_logits(queries: np.ndarray, keys: np.ndarray, scale: float | np.ndarray) -> np.ndarray:
+    """Scaled, causally masked logits [..., Hq, W, T]."""
+    *lead, w, hq, hd = queries.shape
+    hkv, t = keys.shape[-3], keys.shape[-2]
     g = hq // hkv
-    q = queries.transpose(1, 0, 2).reshape(hkv, g * w, hd)         # heads h = kv * g + j
-    logits = np.matmul(q, keys.transpose(0, 2, 1)) * np.float32(scale)  # [Hkv, g*W, T]
-    logits = logits.reshape(hq, w, t)
-    future = np.arange(t)[None, :] > (t - w + np.arange(w))[:, None]     # [W, T]
-    logits[:, future] = -np.inf
+    q = np.swapaxes(queries, -3, -2).reshape(*lead, hkv, g * w, hd)      # heads h = kv * g + j
+    logits = np.matmul(q, np.swapaxes(keys, -1, -2))                     # [..., Hkv, g*W, T]
+    logits *= np.asarray(scale, dtype=np.float32).reshape(*lead, 1, 1, 1) if np.ndim(scale) else np.float32(scale)
+    logits = logits.reshape(*lead, hq, w, t)
+    w = min(w, t)
+    tail = logits[..., -w:]  # only the last W slots can lie in a query's future
+    future = np.arange(w)[None, :] > np.arange(w)[:, None]
+    np.putmask(tail, np.broadcast_to(future, tail.shape), -np.inf)
     logits -= logits.max(axis=-1, keepdims=True)
     np.exp(logits, out=logits)
-    logits /= logits.sum(axis=-1, keepdims=True)
     return logits
 
 
-def window_scores(queries: np.ndarray, keys: np.ndarray, scale: float) -> np.ndarray:
-    """[Hq, T]: attention mass each head's window queries gave each slot (summed over the window)."""
-    return window_probabilities(queries, keys, scale).sum(axis=1)
+def window_probabilities(queries: np.ndarray, keys: np.ndarray, scale: float | np.ndarray) -> np.ndarray:
+    """queries [..., W, Hq, hd] (post-RoPE), keys [..., Hkv, T, hd] -> softmax probabilities [..., Hq, W, T].
+
+    Query head h reads KV head h // (Hq // Hkv) (GQA). scale: a float, or one per leading index."""
+    e = _window_logits(queries, keys, scale)
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
+
+
+def window_scores(queries: np.ndarray, keys: np.ndarray, scale: float | np.ndarray) -> np.ndarray:
+    """[..., Hq, T]: attention mass each head's window queries gave each slot (summed over the window).
+
+    The normalisation and the sum over the window are one matrix product: (1/Z)[W] @ exp[W, T]."""
+    e = _window_logits(queries, keys, scale)
+    inv = 1.0 / e.sum(axis=-1)                                           # [..., Hq, W]
+    return np.matmul(inv[..., None, :], e)[..., 0, :]

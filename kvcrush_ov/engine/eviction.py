@@ -41,6 +41,12 @@ class EvictionPlan:
     during_decode: bool
     during_prefill: bool      # compact between prompt chunks (memory-bounded prefill)
     prefill_chunk: int = 0    # prompt tokens added between two such compactions (resolved by Evictor.plan)
+    prefill_window: int = 0   # queries scored at those compactions (resolved by Evictor.plan)
+
+    @property
+    def query_window(self) -> int:
+        """Newest queries a sequence with this plan keeps for scoring."""
+        return max(self.window, self.prefill_window if self.during_prefill else 0)
 
     @classmethod
     def from_config(cls, config: CacheEvictionConfig) -> "EvictionPlan":
@@ -69,11 +75,9 @@ class EvictionStats:
 
 
 class Evictor:
-    def __init__(self, runner: ModelRunner, blocks: BlockManager, max_prefill_chunk: int) -> None:
-        """max_prefill_chunk: the most prompt tokens a step feeds (the scheduler's token budget)."""
+    def __init__(self, runner: ModelRunner, blocks: BlockManager) -> None:
         self.runner = runner
         self.blocks = blocks
-        self.max_prefill_chunk = max_prefill_chunk
         self.stats = EvictionStats()
         self._states: dict[int, EvictionState] = {}
 
@@ -84,9 +88,12 @@ class Evictor:
         if plan.budget + bs > pool:
             raise ConfigError(f"eviction budget {plan.budget} (+ one block of growth) does not fit the KV pool of "
                               f"{self.blocks.num_blocks} blocks ({pool} tokens); lower the budget or raise cache_size")
-        # Memory-bounded prefill adds this many prompt tokens between compactions: budget + chunk + one
-        # block must fit the pool.
-        plan = replace(plan, prefill_chunk=max(0, min(self.max_prefill_chunk, pool - plan.budget - bs)))
+        # Memory-bounded prefill adds this many prompt tokens between compactions (the budget unless set;
+        # fewer, larger compactions cost less and decide on more context): budget + chunk + one block
+        # must fit the pool, so the chunk shrinks to fit.
+        chunk = config.prefill_chunk or plan.budget
+        plan = replace(plan, prefill_chunk=max(0, min(chunk, pool - plan.budget - bs)),
+                       prefill_window=(config.prefill_window or plan.window) if plan.window else 0)
         if plan.during_prefill and plan.prefill_chunk < bs:
             raise ConfigError(f"eviction budget {plan.budget} leaves no room for a prompt chunk in a KV pool of "
                               f"{pool} tokens: budget + one chunk + one block ({bs}) must fit; use a budget of at "
@@ -182,29 +189,47 @@ class Evictor:
         return True
 
     # -- one eviction ------------------------------------------------------------------------------
-    def _layer_scores(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, layer: int,
+    def _scores(self, seq: Sequence, window: int, st: EvictionState, num_slots: int) -> np.ndarray:
+        """[L, Hq, num_slots] for layers that all hold num_slots slots, scored a group of layers per
+        numpy call (a few calls per eviction instead of one per layer; the group bounds the temporaries)."""
+        L = self.runner.num_layers
+        if not window:
+            return np.zeros((L, self.runner.num_q_heads, num_slots), np.float32)
+        tables = self.blocks.tables[seq.seq_id]
+        scales = np.asarray(self.runner.softmax_scales, dtype=np.float32)
+        group = max(1, (1 << 15) // max(num_slots, 1))
+        out = np.empty((L, self.runner.num_q_heads, num_slots), np.float32)
+        keys = np.empty((min(group, L), self.runner.num_kv_heads, num_slots, self.runner.head_size), np.float32)
+        for lo in range(0, L, group):
+            hi = min(L, lo + group)
+            for i, layer in enumerate(range(lo, hi)):
+                keys[i] = self.runner.kv.read_keys(layer, tables[layer], num_slots)
+            out[lo:hi] = window_scores(st.queries[lo:hi, -window:], keys[:hi - lo], scales[lo:hi])
+        return out
+
+    def _layer_scores(self, seq: Sequence, window: int, st: EvictionState, layer: int,
                       num_slots: int) -> np.ndarray:
         """[Hq, num_slots]: the attention the newest W queries gave each slot, per query head."""
-        if not plan.window:
+        if not window:
             return np.zeros((self.runner.num_q_heads, num_slots), np.float32)
         keys = self.runner.kv.read_keys(layer, self.blocks.tables[seq.seq_id][layer], num_slots)
-        return window_scores(st.queries[layer, -plan.window:], keys, self.runner.softmax_scales[layer])
+        return window_scores(st.queries[layer, -window:], keys, self.runner.softmax_scales[layer])
 
     def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray,
                uneven: bool) -> int:
         """Compact the sequence to the policy's keep-sets; return the tokens evicted per layer (mean)."""
         L, hkv = self.runner.num_layers, self.runner.num_kv_heads
         policy = plan.policy
+        window = plan.window if seq.num_computed >= seq.num_prompt_tokens else plan.prefill_window
         if not uneven:  # all layers alike: one policy call over every layer
-            T = int(lens[0])
-            scores = np.stack([self._layer_scores(seq, plan, st, layer, T) for layer in range(L)])
+            scores = self._scores(seq, window, st, int(lens[0]))
             st.policy_state, ranked = policy.update(st.policy_state, scores)
             masks = policy.keep_mask(AttentionStats(ranked, hkv), plan.budget)
         else:  # layers hold different lengths (after PyramidKV): each layer on its own, to its target
             if policy.stateful:
                 raise ConfigError(f"policy {policy.name!r} carries state per slot and cannot follow "
                                   f"per-layer budgets")
-            masks = [policy.keep_mask(AttentionStats(self._layer_scores(seq, plan, st, layer, int(lens[layer]))[None],
+            masks = [policy.keep_mask(AttentionStats(self._layer_scores(seq, window, st, layer, int(lens[layer]))[None],
                                                      hkv), int(st.targets[layer]))[0] for layer in range(L)]
         counts = [m.sum(axis=-1) for m in masks]  # [Hkv] per layer
         for layer, c in enumerate(counts):

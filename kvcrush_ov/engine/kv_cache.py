@@ -111,6 +111,14 @@ class KVCache:
                               f"{self.layout.precision}; set SchedulerConfig(kv_cache_precision='u8' or 'f16')")
         blocks = np.asarray(table[: -(-num_slots // self.layout.block_size)], dtype=np.int64)
         k = self.keys[layer][blocks]                       # [nb, Hkv, bs(+8), hd(+8)]
+        if self.layout.precision in FLOAT_PRECISIONS:  # convert while transposing: one pass, no temporaries
+            nb, hkv, bs, hd = k.shape
+            out = np.empty((hkv, nb, bs, hd), np.float32)
+            if self.layout.precision == "bf16":
+                np.left_shift(k.view(np.uint16).transpose(1, 0, 2, 3), 16, out=out.view(np.uint32), dtype=np.uint32)
+            else:
+                out[...] = k.transpose(1, 0, 2, 3)
+            return out.reshape(hkv, nb * bs, hd)[:, :num_slots]
         k = _dequantize_by_channel(k) if self.layout.keys_by_channel else _to_f32(k, self.layout.precision)
         return k.transpose(1, 0, 2, 3).reshape(k.shape[1], -1, k.shape[3])[:, :num_slots]
 
@@ -120,12 +128,15 @@ class KVCache:
         Kept keys keep their RoPE rotation (their original positions), so nothing is recomputed."""
         self.require_token_rows("eviction")
         hkv, n = keep.shape
-        heads = np.arange(hkv)[:, None]
-        src_block, src_off = self._slots(table, keep)
-        dst_block, dst_off = self._slots(table, np.broadcast_to(np.arange(n), (hkv, n)))
+        moved = keep != np.arange(n)  # kept slots before the first evicted one are already in place
+        if not moved.any():
+            return
+        head, dst = np.nonzero(moved)
+        src_block, src_off = self._slots(table, keep[head, dst])
+        dst_block, dst_off = self._slots(table, dst)
         for cache in (self.keys[layer], self.values[layer]):
-            rows = cache[src_block, heads, src_off]       # gather first (a copy): safe to overwrite
-            cache[dst_block, heads, dst_off] = rows
+            rows = cache[src_block, head, src_off]        # gather first (a copy): safe to overwrite
+            cache[dst_block, head, dst_off] = rows
 
     def require_token_rows(self, what: str) -> None:
         if not self.layout.token_rows:

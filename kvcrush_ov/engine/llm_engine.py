@@ -77,7 +77,7 @@ class LLMEngine:
             # a device whose quantized keys stay per block: fall back to f16, which every CPU offers
             self.runner = self._make_runner(precision="f16", **options)
         self.blocks = self.runner.make_block_manager()
-        self.evictor = Evictor(self.runner, self.blocks, self.config.max_num_batched_tokens)
+        self.evictor = Evictor(self.runner, self.blocks)
         # openvino_genai's configs count in blocks: translate again with this device's block size
         eviction = CacheEvictionConfig.from_any(self.config.cache_eviction_config, self.runner.block_size)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_batched_tokens, self.config.max_num_seqs)
@@ -136,7 +136,7 @@ class LLMEngine:
     def _query_window(self, plan: EvictionPlan | None, asked: int) -> int:
         if asked and not self.runner.softmax_scales:
             raise ConfigError("query_window needs an engine built for eviction (enable_eviction=True)")
-        return max(plan.window if plan is not None else 0, asked)
+        return max(plan.query_window if plan is not None else 0, asked)
 
     def _check_fits(self, num_prompt: int, config: GenerationConfig, plan: EvictionPlan | None) -> None:
         """A request must fit the pool alone (else preemption could never make room for it)."""
@@ -181,7 +181,7 @@ class LLMEngine:
         child = Sequence(next(self._ids), list(parent.token_ids), parent.num_prompt_tokens, config,
                          eos_token_ids=parent.eos_token_ids, arrival=time.perf_counter(), status=Status.RUNNING,
                          num_computed=parent.num_computed, eviction=plan,
-                         query_window=max(plan.window if plan is not None else 0, parent.query_window),
+                         query_window=max(plan.query_window if plan is not None else 0, parent.query_window),
                          token_source=token_source, logits_observer=logits_observer,
                          first_token_time=parent.first_token_time,
                          cumulative_logprob=parent.cumulative_logprob)

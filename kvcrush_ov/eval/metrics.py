@@ -11,6 +11,7 @@ Conventions
 from __future__ import annotations
 
 import math
+import difflib
 import re
 import statistics
 import unicodedata
@@ -20,7 +21,7 @@ import numpy as np
 
 from kvcrush_ov.errors import ConfigError
 
-METRICS = ("contains", "exact", "rouge_l")
+METRICS = ("contains", "exact", "rouge_l", "edit_sim", "first_line_exact")
 
 _WS = re.compile(r"\s+")
 _WORD = re.compile(r"\w+")
@@ -77,7 +78,11 @@ def score(prediction: str, answers: Sequence[str], metric: str) -> float:
               normalized) -- partial credit for multi-answer tasks;
     exact:    100 if the normalized prediction equals any normalized answer (surrounding
               punctuation/quotes ignored), else 0;
-    rouge_l:  100 x the best ROUGE-L F1 over the answers.
+    rouge_l:  100 x the best ROUGE-L F1 over the answers;
+    edit_sim: 100 x the best difflib similarity ratio of the prediction's first non-empty line
+              (stripped) to an answer (LCC's code-line edit similarity);
+    first_line_exact: `exact` on the prediction's first non-empty line (few-shot labels, where a
+              model goes on with the next example).
     """
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -92,6 +97,11 @@ def score(prediction: str, answers: Sequence[str], metric: str) -> float:
     if metric == "exact":
         pred = _normalize_exact(prediction)
         return 100.0 if any(_normalize_exact(a) == pred for a in answers) else 0.0
+    if metric in ("edit_sim", "first_line_exact"):
+        line = next((x.strip() for x in prediction.splitlines() if x.strip()), "")
+        if metric == "first_line_exact":
+            return score(line, answers, "exact")
+        return 100.0 * max(difflib.SequenceMatcher(None, line, a.strip(), autojunk=False).ratio() for a in answers)
     return 100.0 * max(rouge_l(prediction, a) for a in answers)
 
 

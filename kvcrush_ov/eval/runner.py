@@ -25,6 +25,7 @@ from ..eviction_config import PREFILL_MODES, CacheEvictionConfig
 from ..options import parse_policy_spec as parse_policy
 from ..policies import POLICIES, defaults, make_policy
 from .metrics import exact_match_rate, mean_and_ci, rouge_l, score
+from .paired import check_reference, excludes_zero, paired_differences
 from .teacher import FullCacheReference
 from .suite import Sample
 
@@ -43,8 +44,10 @@ class EvalConfig:
     kv_precision: str | None = None     # None: the device's default
     budget_bytes: bool = False          # budgets are KV bytes per sequence (equal-bytes comparison)
     properties: dict | None = None      # OpenVINO compile properties (e.g. INFERENCE_PRECISION_HINT)
+    reference: str | None = None        # summary rows get paired differences to this policy (eval/paired.py)
 
     def __post_init__(self) -> None:
+        check_reference(self.reference, self.policies)
         unknown = [p for p in self.policies if parse_policy(p)[0] not in ALL_POLICIES]
         if unknown or not self.policies:
             raise ConfigError(f"unknown policy(ies) {unknown}; choose from {', '.join(ALL_POLICIES)}")
@@ -270,7 +273,10 @@ class Runner:
         return self._text(seq)
 
 
-def summarize(rows: list[dict], policies: list[str], budgets: list[float]) -> list[dict]:
+def summarize(rows: list[dict], policies: list[str], budgets: list[float], reference: str | None = None) -> list[dict]:
+    """One row per (KV precision, policy, budget); with a reference, each row also gets
+    paired: {score, rouge_l_full, kl: {mean, ci_low, ci_high, n}} = this policy minus the reference
+    on the same samples (None for the reference itself)."""
     summary = []
     for precision, policy, budget in [(k, p, b) for k in dict.fromkeys(r["kv_precision"] for r in rows)
                                       for p in policies for b in budgets]:
@@ -291,7 +297,37 @@ def summarize(rows: list[dict], policies: list[str], budgets: list[float]) -> li
                 "peak_kv_bytes_per_seq": float(np.mean(finite("peak_kv_bytes"))) if finite("peak_kv_bytes") else None,
                 "prefill_s": float(np.mean(finite("prefill_s"))) if finite("prefill_s") else None,
             })
+            if reference is not None:
+                summary[-1]["reference"] = reference
+                summary[-1]["paired"] = (None if policy == reference else
+                                         paired_differences(rows, policy, budget, precision, reference))
     return summary
+
+
+def _paired_cell(stat: dict | None, fmt: str) -> str:
+    """'+3.1 [+0.4, +5.9]', bold when the CI excludes 0."""
+    if not stat or stat.get("mean") is None:
+        return "–"
+    text = f"{stat['mean']:+{fmt}} [{stat['ci_low']:+{fmt}}, {stat['ci_high']:+{fmt}}]"
+    return f"**{text}**" if excludes_zero(stat) else text
+
+
+def paired_markdown(summary: list[dict]) -> list[str]:
+    """The paired-difference table (empty without a reference)."""
+    rows = [s for s in summary if s.get("reference")]
+    if not rows:
+        return []
+    ref = rows[0]["reference"]
+    lines = ["", f"Paired differences to `{ref}` on the same samples (mean and 95% paired-bootstrap CI; "
+                 "**bold**: the CI excludes 0). Score and ROUGE-L: higher is better; KL: lower is better.", "",
+             "| policy | budget | KV | Δ score | Δ ROUGE-L vs full | Δ KL |", "|---|---|---|---|---|---|"]
+    for s in rows:
+        p = s["paired"]
+        if p is None:
+            continue
+        lines.append(f"| {s['policy']} | {s['budget']:g} | {s['kv_precision']} | {_paired_cell(p['score'], '.1f')} | "
+                     f"{_paired_cell(p['rouge_l_full'], '.1f')} | {_paired_cell(p['kl'], '.4f')} |")
+    return lines
 
 
 def report_markdown(summary: list[dict], meta: dict) -> str:
@@ -310,6 +346,7 @@ def report_markdown(summary: list[dict], meta: dict) -> str:
                       f"shared decoding {f['fanout_decode_s']:.1f} s; separate runs would have prefilled "
                       f"{f['runs'] / max(meta['n_samples'], 1):.0f}x per sample (estimated saving {f['saving_s']:.0f} s, "
                       f"{100 * f['saving_fraction']:.0f}% of the separate-run time)."]
+    lines += paired_markdown(summary)
     return "\n".join(lines) + "\n"
 
 
@@ -348,7 +385,7 @@ def run_eval(model_dir: Path, samples: list[Sample], config: EvalConfig, out_dir
         for sample in tqdm(samples, desc=f"eval ({runner.precision} KV)", disable=not progress, unit="sample"):
             rows += runner.run_sample(sample)
         t = {k: t[k] + v for k, v in runner.timing.items()}
-    summary = summarize(rows, config.policies, config.budgets)
+    summary = summarize(rows, config.policies, config.budgets, config.reference)
     n_prefills = max(1, len({(r["id"], r["kv_precision"]) for r in rows}))
     fanout = None
     if t["runs"]:

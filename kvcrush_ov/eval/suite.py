@@ -19,7 +19,7 @@ from kvcrush_ov.eval.metrics import METRICS
 from kvcrush_ov.eval.ruler_mini import ruler_mini
 from kvcrush_ov.eval.sample import Sample
 
-SUITES = ("ruler-mini",)
+SUITES = ("ruler-mini", "real-text")
 
 
 # ----------------------------------------------------------------------------- JSONL
@@ -152,6 +152,13 @@ def load_suite(name_or_path: str | os.PathLike, count_tokens: Callable[[str], in
             raise ConfigError("suite 'ruler-mini' sizes prompts in tokens; pass count_tokens "
                               "(e.g. the model tokenizer's counter)")
         return ruler_mini(count_tokens, **kwargs)
+    if name == "real-text":
+        if count_tokens is None:
+            raise ConfigError("suite 'real-text' sizes prompts in tokens; pass count_tokens "
+                              "(e.g. the model tokenizer's counter)")
+        from kvcrush_ov.eval.real_text import real_text
+
+        return real_text(count_tokens, **kwargs)
     if name.endswith(".jsonl") or os.path.isfile(name):
         if kwargs:
             raise ConfigError(f"options {', '.join(sorted(kwargs))} apply to generated suites, "

@@ -79,16 +79,17 @@ class KVCrushBlock(Policy):
 
     Token score = query-head SUM of the scores (what PagedAttention's score output gives), max-pooled
     over `kernel` tokens; block score = sum over its tokens. Blocks tile the middle (between sinks and
-    recent) from the first non-sink slot. Of the middle budget M = budget - sinks - recent,
-    K = budget_blocks (or floor(representative_fraction * budget / block_size)) blocks go to KVCrush
-    and floor((M - K*block_size) / block_size) blocks to the base's top block scores.
-    window = 0 -> accumulated scores (H2O-like); window > 0 -> SnapKV window scores."""
+    recent) from the first non-sink slot. Of the selectable budget M = budget - sinks - recent,
+    K = budget_blocks (or floor(representative_fraction * M / block_size): the split rule of
+    token-level KVCrush and of our translation to openvino-genai) blocks go to KVCrush and
+    floor((M - K*block_size) / block_size) blocks to the base's top block scores. window = 8 by
+    default, as the native rows' SnapKV window; window = 0 -> accumulated scores (H2O-like)."""
 
     name: ClassVar[str] = "kvcrush-block"
     sink_tokens: int = DEFAULT_SINK_TOKENS
     recent_tokens: int = DEFAULT_RECENT_TOKENS
     block_size: int = 32
-    window: int = 0
+    window: int = 8
     kernel: int = 7
     representative_fraction: float = 0.25
     budget_blocks: int | None = None
@@ -122,7 +123,8 @@ class KVCrushBlock(Policy):
         budget = self.check_budget(budget)
         k = self.budget_blocks
         if k is None:
-            k = int(np.floor(self.representative_fraction * budget / self.block_size + 1e-9))
+            k = int(np.floor(self.representative_fraction * (budget - self.protected_tokens) / self.block_size
+                             + 1e-9))
         return min(int(k), (budget - self.protected_tokens) // self.block_size)
 
     def keep_mask(self, stats: AttentionStats, budget: int) -> np.ndarray:
