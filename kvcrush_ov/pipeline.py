@@ -21,6 +21,7 @@ from .config import GenerationConfig, SchedulerConfig
 from .engine.llm_engine import LLMEngine
 from .engine.model_runner import read_model_dir
 from .engine.sequence import FinishReason, Sequence
+from .engine_loop import EngineLoop, GenerationHandle, final_text, visible_ids
 from .errors import ConfigError, KVCrushError, ModelError, PromptError
 from .native import native_pipeline, to_native_generation
 
@@ -101,9 +102,10 @@ class LLMPipeline:
     """generate() over a continuous-batching engine; several prompts run batched in one engine."""
 
     def __init__(self, models_path: str | Path, device: str = "CPU", scheduler_config: Any = None,
-                 backend: str = "ours", **properties: Any) -> None:
+                 backend: str = "ours", *, enable_eviction: bool = False, **properties: Any) -> None:
         """backend: "ours" (this engine) or "native" (openvino_genai's own continuous batching, with its
-        own eviction; configs are translated)."""
+        own eviction; configs are translated). enable_eviction: accept per-request eviction settings
+        even without a default cache_eviction_config."""
         if backend not in ("ours", "native"):
             raise ConfigError(f"backend must be 'ours' or 'native', got {backend!r}")
         path, _ = read_model_dir(models_path)
@@ -118,8 +120,10 @@ class LLMPipeline:
         self.native = native_pipeline(path, device, config, properties) if backend == "native" else None
         self.engine = None if self.native else LLMEngine(
             path, device, config, properties, decode=self.tokenizer.decode,
-            eos_token_ids=frozenset({self.generation_config.eos_token_id}))
-        self._lock = threading.Lock()
+            eos_token_ids=frozenset({self.generation_config.eos_token_id}), enable_eviction=enable_eviction)
+        # One thread steps the engine; generate() from any thread adds requests to its running batch.
+        self.loop = None if self.engine is None else EngineLoop(self.engine, self.tokenizer.decode)
+        self._native_lock = threading.Lock()  # openvino_genai's LLMPipeline runs one generate() at a time
 
     def _default_generation_config(self, path: Path) -> GenerationConfig:
         cfg = GenerationConfig()
@@ -144,10 +148,13 @@ class LLMPipeline:
         self.generation_config = GenerationConfig.from_any(config)
 
     def generate(self, inputs: str | list[str], generation_config: Any = None, streamer: Streamer | None = None,
-                 progress: bool = False, **kwargs: Any) -> DecodedResults:
+                 progress: bool = False, eviction: Any = "default", **kwargs: Any) -> DecodedResults:
         """Generate for one prompt or a batch. Extra kwargs override generation_config fields.
 
-        Thread-safe: concurrent calls are serialized (one engine, one step loop).
+        eviction: "default" (the scheduler config's), None (full cache) or a CacheEvictionConfig for
+        these requests (without a default config, build the pipeline with enable_eviction=True).
+
+        Thread-safe: calls from several threads join one running batch (the engine loop's).
         """
         config = self._resolve_config(generation_config, kwargs)
         prompts = [inputs] if isinstance(inputs, str) else list(inputs) if isinstance(inputs, (list, tuple)) else None
@@ -157,12 +164,14 @@ class LLMPipeline:
             raise ConfigError("a streamer can only be used with a single prompt (as in openvino_genai)")
         token_ids = [self.tokenizer.prepare(p, config.apply_chat_template) for p in prompts]
         if self.native is not None:
-            with self._lock:
+            if not (isinstance(eviction, str) and eviction == "default"):
+                raise ConfigError("per-request eviction needs backend='ours'; the native backend takes its "
+                                  "eviction from the scheduler config")
+            with self._native_lock:
                 res = self.native.generate(prompts, to_native_generation(config))
             return DecodedResults(texts=list(res.texts), scores=list(res.scores),
                                   prompt_lengths=[len(t) for t in token_ids])
-        with self._lock:
-            seqs = self.generate_ids(token_ids, config, streamer, progress)
+        seqs, _ = self._run(token_ids, config, streamer, progress, eviction)
         return self.results(seqs, config)
 
     def results(self, seqs: list[Sequence], config: GenerationConfig) -> DecodedResults:
@@ -171,7 +180,7 @@ class LLMPipeline:
         end = [s.token_times[-1] if s.token_times else s.arrival for s in seqs]
         return DecodedResults(
             texts=[s.text if s.finish_reason is FinishReason.STOP and config.stop_strings and s.text
-                   else self.tokenizer.decode(self._visible_ids(s)) for s in seqs],
+                   else self.tokenizer.decode(visible_ids(s)) for s in seqs],
             scores=[s.cumulative_logprob for s in seqs],
             token_ids=[s.output_ids for s in seqs],
             finish_reasons=[s.finish_reason.value for s in seqs],
@@ -187,36 +196,62 @@ class LLMPipeline:
 
     def generate_ids(self, token_ids: Iterable[list[int]], config: GenerationConfig,
                      streamer: Streamer | None = None, progress: bool = False) -> list[Sequence]:
-        """Token ids in, finished sequences out (all requests batched). Not locked: call from one thread."""
-        seqs = []
+        """Token ids in, finished sequences out (all requests batched, with any other caller's)."""
+        return self._run(list(token_ids), config, streamer, progress)[0]
+
+    def _run(self, token_ids: list[list[int]], config: GenerationConfig, streamer: Streamer | None,
+             progress: bool, eviction: Any = "default") -> tuple[list[Sequence], list[str]]:
+        handles = self.loop.add([(i, ids, config, eviction) for i, ids in enumerate(token_ids)],
+                                text=streamer is not None)
         try:
-            for ids in token_ids:
-                seqs.append(self.engine.add_request(ids, config, streamer))
-            bar = tqdm(total=len(seqs), desc="generate", disable=not progress, unit="req")
-            while self.engine.has_unfinished:
-                bar.update(len(self.engine.step()))
+            if streamer is not None:
+                self._feed(handles[0], streamer)
+            bar = tqdm(total=len(handles), desc="generate", disable=not progress, unit="req")
+            for h in handles:
+                h.wait()
+                bar.update(1)
             bar.close()
         except BaseException:
-            for s in seqs:  # leave the engine clean for the next call
-                self.engine.abort(s.seq_id)
+            for h in handles:  # leave the engine clean for the next call
+                h.cancel()
             raise
-        failed = [s for s in seqs if s.finish_reason is FinishReason.ABORT and s.error]
-        if failed and len(seqs) == 1:
+        failed = [h for h in handles if h.error]
+        if failed and len(handles) == 1:
             raise KVCrushError(failed[0].error)
-        return seqs
+        seqs = [h.sequence for h in handles]
+        for h in handles:
+            if getattr(h, "kept_tokens", None) is not None:  # the streamer stopped it: keep what it saw
+                del h.sequence.token_ids[h.sequence.num_prompt_tokens + h.kept_tokens:]
+                h.sequence.text = ""
+                h.final_text = final_text(h.sequence, self.tokenizer.decode)
+        return seqs, [h.final_text for h in handles]
+
+    @staticmethod
+    def _feed(handle: GenerationHandle, streamer: Streamer) -> None:
+        """Call the user's streamer (in the caller's thread) with each text piece; honour STOP/CANCEL."""
+        seen = 0
+        for out in handle.stream():
+            seen += len(out.generated_ids)
+            if not out.text:
+                continue
+            try:
+                status = streamer(out.text)
+            except Exception as e:  # a broken streamer only ends its own request
+                handle.cancel()
+                raise KVCrushError(f"streamer raised {type(e).__name__}: {e}") from None
+            name = getattr(status, "name", "")
+            if status is True or name in ("STOP", "CANCEL"):
+                handle.stop() if name != "CANCEL" else handle.cancel()
+                handle.wait()
+                handle.kept_tokens = seen
+                handle.sequence.finish_reason = FinishReason.ABORT if name == "CANCEL" else FinishReason.STOP
+                return
 
     def _resolve_config(self, generation_config: Any, kwargs: dict) -> GenerationConfig:
         base = self.generation_config if generation_config is None else GenerationConfig.from_any(generation_config)
         if generation_config is not None and base.eos_token_id < 0:
             base = base.updated(eos_token_id=self.generation_config.eos_token_id)
         return base.updated(**kwargs) if kwargs else base
-
-    @staticmethod
-    def _visible_ids(seq: Sequence) -> list[int]:
-        out = seq.output_ids
-        if seq.finish_reason is FinishReason.STOP and out and out[-1] in seq.eos_token_ids:
-            out = out[:-1]
-        return out
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -1,0 +1,1 @@
+"""Serving: the OpenAI-compatible HTTP app (server.py) and its Ray Serve deployment (ray_deploy.py)."""
