@@ -126,8 +126,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .serve.launch import run_serve
-    run_serve(args)
+    from .serve.launch import run_serve, served_name
+    model_dir = _model_dir(args.model)
+    run_serve(model_dir, _scheduler_config(args), served_name(args.model, model_dir, args.served_model_name),
+              device=args.device, host=args.host, port=args.port, log_level=args.log_level, ray=args.ray,
+              replicas=args.replicas, ray_num_cpus=args.ray_num_cpus)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
