@@ -488,8 +488,8 @@ def test_pipeline_streamer_errors_leave_the_engine_clean(f32_pipe):
 # ------------------------------------------------------------------------------------------------
 # 4. Concurrent generate() on one pipeline
 # ------------------------------------------------------------------------------------------------
-def test_threads_share_one_pipeline_serialized(f32_pipe):
-    """4 threads x 2 prompts on one pipeline: calls are serialized by its lock (never two engine
+def test_threads_share_one_pipeline_engine_loop(f32_pipe):
+    """4 threads x 2 prompts on one pipeline: one engine-loop thread steps for all of them (never two engine
     steps at once) and every thread gets what a sequential call returns."""
     pipe = f32_pipe
     prompts = [f"Question {i}: " + PROMPTS[i % 4] for i in range(8)]
