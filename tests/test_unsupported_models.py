@@ -15,7 +15,7 @@ import pytest
 from kvcrush_ov import cli
 from kvcrush_ov.engine.model_runner import ModelRunner
 from kvcrush_ov.errors import ModelError
-from kvcrush_ov.models import _export_openvino, hf_dir
+from kvcrush_ov.models import hf_dir
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

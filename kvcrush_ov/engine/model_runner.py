@@ -7,10 +7,7 @@ list of scheduled chunks into PagedAttention inputs and returns the logits of sa
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence as Seq
 
 import numpy as np
 import openvino as ov

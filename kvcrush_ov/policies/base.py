@@ -20,8 +20,8 @@ import numpy as np
 
 from kvcrush_ov.errors import ConfigError
 
-from kvcrush_ov.policies.defaults import RECENT_TOKENS as DEFAULT_RECENT_TOKENS
-from kvcrush_ov.policies.defaults import SINK_TOKENS as DEFAULT_SINK_TOKENS
+from kvcrush_ov.policies.defaults import RECENT_TOKENS as DEFAULT_RECENT_TOKENS  # noqa: F401 (re-exported)
+from kvcrush_ov.policies.defaults import SINK_TOKENS as DEFAULT_SINK_TOKENS  # noqa: F401 (re-exported)
 
 SCORE_SOURCES = ("none", "window", "accumulated")
 HEAD_REDUCTIONS = ("sum", "mean", "max")
