@@ -27,7 +27,7 @@ from typing import Callable
 
 from kvcrush_ov.errors import ConfigError
 from kvcrush_ov.eval.ruler_mini import CountTokens, _fit
-from kvcrush_ov.eval.sample import Sample
+from kvcrush_ov.eval.sample import Sample, check_suite_args
 
 SPLITS = ("tuning", "reporting")
 STDLIB_DIR = os.path.dirname(ast.__file__)
@@ -212,16 +212,7 @@ def real_text(count_tokens: CountTokens, lengths=(1024, 2048, 4096), samples_per
         raise ConfigError("count_tokens must be a function text -> number of tokens")
     if split not in SPLITS:
         raise ConfigError(f"real-text split must be one of {', '.join(SPLITS)}, got {split!r}")
-    tasks = tuple(TASKS) if tasks is None else tuple([tasks] if isinstance(tasks, str) else tasks)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise ConfigError(f"unknown real-text task {unknown[0] if unknown else '(none given)'!r}; "
-                          f"choose from {', '.join(TASKS)}")
-    bad = [x for x in lengths if isinstance(x, bool) or not isinstance(x, int) or x < 256]
-    if bad or not lengths:
-        raise ConfigError(f"real-text lengths must be integers >= 256 tokens, got {bad[0] if bad else lengths!r}")
-    if isinstance(samples_per_task, bool) or not isinstance(samples_per_task, int) or samples_per_task < 1:
-        raise ConfigError(f"samples_per_task must be a positive integer, got {samples_per_task!r}")
+    tasks, lengths = check_suite_args(tasks, TASKS, tuple(TASKS), lengths, 256, samples_per_task, "real-text ")
     out = []
     for task in dict.fromkeys(tasks):
         for length in dict.fromkeys(lengths):

@@ -26,7 +26,7 @@ import re
 from typing import Callable
 
 from kvcrush_ov.errors import ConfigError
-from kvcrush_ov.eval.sample import Sample
+from kvcrush_ov.eval.sample import Sample, check_suite_args
 
 CountTokens = Callable[[str], int]
 
@@ -501,17 +501,7 @@ def ruler_mini(count_tokens: CountTokens, lengths=(1024, 2048, 4096), samples_pe
     """
     if not callable(count_tokens):
         raise ConfigError("count_tokens must be a function text -> number of tokens")
-    tasks = DEFAULT_TASKS if tasks is None else tuple([tasks] if isinstance(tasks, str) else tasks)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise ConfigError(f"unknown task {unknown[0] if unknown else '(none given)'!r}; "
-                          f"choose from {', '.join(TASKS)}")
-    lengths = tuple(lengths)
-    bad = [x for x in lengths if isinstance(x, bool) or not isinstance(x, int) or x < 64]
-    if bad or not lengths:
-        raise ConfigError(f"lengths must be integers >= 64 tokens, got {bad[0] if bad else lengths!r}")
-    if isinstance(samples_per_task, bool) or not isinstance(samples_per_task, int) or samples_per_task < 1:
-        raise ConfigError(f"samples_per_task must be a positive integer, got {samples_per_task!r}")
+    tasks, lengths = check_suite_args(tasks, TASKS, DEFAULT_TASKS, lengths, 64, samples_per_task)
     out = []
     for task in dict.fromkeys(tasks):
         for length in dict.fromkeys(lengths):

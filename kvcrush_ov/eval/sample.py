@@ -43,3 +43,22 @@ class Sample:
             raise ConfigError(f"sample {self.id!r}: answers must be a non-empty list")
         if self.max_new_tokens <= 0:
             raise ConfigError(f"sample {self.id!r}: max_new_tokens must be positive")
+
+
+def check_suite_args(tasks, known: dict, default: tuple, lengths, min_length: int, samples_per_task,
+                     label: str = "") -> tuple[tuple, tuple]:
+    """Validate a generated suite's tasks / lengths / samples_per_task; return (tasks, lengths) as tuples.
+
+    label names the suite in the messages (e.g. "real-text ")."""
+    tasks = default if tasks is None else tuple([tasks] if isinstance(tasks, str) else tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown or not tasks:
+        raise ConfigError(f"unknown {label}task {unknown[0] if unknown else '(none given)'!r}; "
+                          f"choose from {', '.join(known)}")
+    lengths = tuple(lengths)
+    bad = [x for x in lengths if isinstance(x, bool) or not isinstance(x, int) or x < min_length]
+    if bad or not lengths:
+        raise ConfigError(f"{label}lengths must be integers >= {min_length} tokens, got {bad[0] if bad else lengths!r}")
+    if isinstance(samples_per_task, bool) or not isinstance(samples_per_task, int) or samples_per_task < 1:
+        raise ConfigError(f"samples_per_task must be a positive integer, got {samples_per_task!r}")
+    return tasks, lengths
