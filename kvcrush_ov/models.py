@@ -325,7 +325,8 @@ def _require_prepare_extra() -> None:
 # ----------------------------------------------------------------------------- SmolLM2 tokenizer
 
 
-def _gguf_tokenizer_fields(gguf_path: Path) -> dict:
+def _gguf_metadata(gguf_path: Path) -> Callable[[str], object]:
+    """key -> the GGUF file's metadata value (a one-line ModelError when the key is missing)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf_path))
@@ -335,6 +336,12 @@ def _gguf_tokenizer_fields(gguf_path: Path) -> dict:
         if f is None:
             raise ModelError(f"{gguf_path.name} has no {key} metadata")
         return f.contents()
+
+    return field
+
+
+def _gguf_tokenizer_fields(gguf_path: Path) -> dict:
+    field = _gguf_metadata(gguf_path)
 
     return {
         "model": field("tokenizer.ggml.model"),
@@ -438,17 +445,10 @@ def build_gemma3_tokenizer(gguf_path: Path, model_max_length: int):
 
     Spaces become U+2581 (no dummy prefix, as the GGUF says), unknown bytes fall back to <0xNN> pieces,
     control (3) and user-defined (4) pieces are matched whole, and BOS is prepended as Gemma needs."""
-    from gguf import GGUFReader
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    reader = GGUFReader(str(gguf_path))
-
-    def field(key: str):
-        f = reader.fields.get(key)
-        if f is None:
-            raise ModelError(f"{gguf_path.name} has no {key} metadata")
-        return f.contents()
+    field = _gguf_metadata(gguf_path)
 
     if field("tokenizer.ggml.model") != "llama":
         raise ModelError(f"unexpected GGUF tokenizer model {field('tokenizer.ggml.model')!r} (expected SentencePiece)")
