@@ -35,11 +35,12 @@ def _eviction_config(args: argparse.Namespace, policy: str | None = None, budget
 
 
 def _add_prefill_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prefill", choices=["chunked", "after"], default="chunked",
-                   help="chunked: compact during prefill (memory bounded; prompts longer than the pool run); "
-                        "after: cache the whole prompt, then evict")
+    p.add_argument("--prefill", choices=["auto", "after", "chunked"], default="auto",
+                   help="when the prompt is evicted. auto (default): after the whole prompt when the KV pool can "
+                        "hold it, memory-bounded only when it cannot; after: always after the whole prompt; "
+                        "chunked: always compact during prefill (memory bounded, decides before the question)")
     p.add_argument("--prefill-chunk", type=int, default=0,
-                   help="chunked prefill: prompt tokens cached between compactions (0 = the budget)")
+                   help="memory-bounded prefill: prompt tokens cached between compactions (0 = the budget)")
 
 
 def _scheduler_config(args: argparse.Namespace, eviction=None):
@@ -153,7 +154,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise KVCrushError(f"--budget-bytes takes comma-separated numbers, got {args.budget_bytes!r}") from None
     properties = {"INFERENCE_PRECISION_HINT": args.inference_precision} if args.inference_precision else None
     config = EvalConfig(policies=[p for p in args.policies.split(",") if p], budgets=budgets, device=args.device,
-                        cache_size=args.cache_size, policy_options=options or None, seed=args.seed,
+                        cache_size=args.cache_size, num_kv_blocks=args.num_kv_blocks,
+                        policy_options=options or None, seed=args.seed,
                         budget_bytes=bool(args.budget_bytes), properties=properties, reference=args.reference or None)
     precisions = [p or None for p in args.kv_precisions.split(",")] if args.kv_precisions else None
     tok = Tokenizer(model_dir)
@@ -236,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="CPU")
     p.add_argument("--cache-size", type=float, default=1.0)
+    p.add_argument("--num-kv-blocks", type=int, default=0,
+                   help="KV pool in blocks (overrides --cache-size); prompts the pool cannot hold run memory-bounded")
     p.add_argument("--suite", default="ruler-mini", help="ruler-mini, real-text or a .jsonl file")
     p.add_argument("--split", choices=["tuning", "reporting"], default="reporting",
                    help="real-text: which half of the source texts (tune on one, report on the other)")

@@ -202,6 +202,7 @@ class LoopMetrics:
     engine: EngineMetrics
     requests_active: int
     requests_finished: dict[str, int]
+    requests_by_eviction_mode: dict[str, int]  # finished requests by the path they took (Sequence.eviction_mode)
     prompt_tokens: int
     generation_tokens: int
     prompt_tokens_per_s: float
@@ -221,6 +222,7 @@ class EngineLoop:
         self._active: dict[int, GenerationHandle] = {}
         self._steps = 0
         self._finished: collections.Counter[str] = collections.Counter()
+        self._modes: collections.Counter[str] = collections.Counter()
         self._prompt_tokens = self._generation_tokens = 0
         self._recent: collections.deque[tuple[float, int, int]] = collections.deque()
         self._metrics = self._snapshot()
@@ -407,12 +409,14 @@ class EngineLoop:
             else:
                 status = GenerationStatus.FINISHED
             self._finished[status.name.lower()] += 1
+            self._modes[seq.eviction_mode] += 1
             pushes.append((handle, GenerationOutput(ids, text, reason), status))
         self._generation_tokens += new_tokens
         return pushes
 
     def _snapshot(self) -> LoopMetrics:
-        return LoopMetrics(self.engine.metrics(), len(self._active), dict(self._finished), self._prompt_tokens,
+        return LoopMetrics(self.engine.metrics(), len(self._active), dict(self._finished), dict(self._modes),
+                           self._prompt_tokens,
                            self._generation_tokens, 0.0, 0.0, self._steps)
 
 

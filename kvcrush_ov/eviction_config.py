@@ -12,7 +12,7 @@ from .errors import ConfigError
 from .policies import POLICIES, Policy, make_policy
 from .policies.defaults import ACCUMULATION_WINDOW as DEFAULT_ACCUMULATION_WINDOW
 
-PREFILL_MODES = ("chunked", "after")
+PREFILL_MODES = ("auto", "after", "chunked")
 PREFILL_SCORES = ("window", "probe")
 
 
@@ -27,13 +27,17 @@ class CacheEvictionConfig:
     options: dict[str, Any] = field(default_factory=dict)
     evict_during_decode: bool = True
     score_window: int = 0  # queries scored per eviction; 0 = the policy's window (or 32 if it accumulates)
-    # "chunked": the prompt is compacted each time prefill_chunk more of its tokens are cached, so a
-    # sequence never holds more than budget + prefill_chunk + one block (prompts longer than the pool
-    # run); "after": the whole prompt is cached once, then evicted (one eviction, unbounded memory).
-    prefill: str = "chunked"
-    prefill_chunk: int = 0  # "chunked": prompt tokens added between two compactions; 0 = the budget
-    prefill_window: int = 0  # "chunked": newest queries scored at compactions inside the prompt; 0 = window
-    # "chunked": what scores the compactions inside the prompt. "window": the newest queries so far;
+    # When the prompt is evicted. "auto" (default): after the whole prompt whenever the KV pool can hold
+    # it (the question has been read, so its queries choose what stays), memory-bounded ("chunked") only
+    # for a prompt the pool can never hold; decided from the request and the pool's size, never from the
+    # momentary load, so an answer does not depend on how busy the engine is. "after": always after the
+    # whole prompt (a prompt larger than the pool is refused). "chunked": always memory-bounded: compacted
+    # each time prefill_chunk more prompt tokens are cached, so a sequence never holds more than
+    # budget + prefill_chunk + one block, at the cost of deciding before the question is read.
+    prefill: str = "auto"
+    prefill_chunk: int = 0  # memory-bounded: prompt tokens added between two compactions; 0 = the budget
+    prefill_window: int = 0  # memory-bounded: newest queries scored at compactions inside the prompt; 0 = window
+    # Memory-bounded: what scores the compactions inside the prompt. "window": the newest queries so far;
     # "probe": the prompt's own last `window` tokens (usually the question), run alone first at their true
     # positions, so early chunks are judged by what the question will look for.
     prefill_scores: str = "window"

@@ -37,7 +37,8 @@ def _reason(e: Exception) -> str:
 class DecodedResults:
     """Like openvino_genai.DecodedResults: `texts`, `scores` (cumulative log-probability of each
     request's generated tokens); str() gives the text(s). Per request also what it cost: the KV bytes
-    it held while decoding (its peak, after eviction), its evictions and its timings."""
+    it held while decoding (its peak, after eviction), the most it held at any moment, which eviction
+    path it took, its evictions and its timings."""
 
     texts: list[str]
     scores: list[float]
@@ -45,7 +46,10 @@ class DecodedResults:
     finish_reasons: list[str] = field(default_factory=list)
     prompt_lengths: list[int] = field(default_factory=list)
     kv_bytes: list[int] = field(default_factory=list)
-    peak_kv_bytes: list[int] = field(default_factory=list)  # at any time, prefill included (longest layer)
+    peak_kv_bytes: list[int] = field(default_factory=list)  # at any moment, before eviction included (longest layer)
+    # the path each request took: "none" (full cache), "after_prompt" or "memory_bounded" (its prompt was
+    # compacted while prefilled, because the KV pool cannot hold it whole)
+    eviction_modes: list[str] = field(default_factory=list)
     evictions: list[int] = field(default_factory=list)
     tokens_evicted: list[int] = field(default_factory=list)
     eviction_seconds: list[float] = field(default_factory=list)
@@ -186,6 +190,7 @@ class LLMPipeline:
             prompt_lengths=[s.num_prompt_tokens for s in seqs],
             kv_bytes=[int(round(s.metrics.peak_decode_kv_slots * bpt)) for s in seqs],
             peak_kv_bytes=[s.metrics.peak_kv_slots * bpt for s in seqs],
+            eviction_modes=[s.eviction_mode for s in seqs],
             evictions=[s.metrics.evictions for s in seqs],
             tokens_evicted=[s.metrics.tokens_evicted for s in seqs],
             eviction_seconds=[s.metrics.eviction_seconds for s in seqs],

@@ -219,8 +219,8 @@ def test_probe_of_the_prompt_tail_scores_compactions_inside_the_prompt(tiny_llam
     """prefill_scores="probe": the prompt's last tokens run first, alone, at their true positions; the
     caller never sees that internal request, and aborting the request ends its probe too."""
     e = engine(tiny_llama_dir)
-    ev = CacheEvictionConfig("snapkv", budget=40, options={**SMALL, "window": 8}, prefill_chunk=32,
-                             prefill_scores="probe", prefill_window=16)
+    ev = CacheEvictionConfig("snapkv", budget=40, options={**SMALL, "window": 8}, prefill="chunked",
+                             prefill_chunk=32, prefill_scores="probe", prefill_window=16)
     seen = []
     s = e.add_request(ids, GenerationConfig(max_new_tokens=4, ignore_eos=True), eviction=ev)
     assert len(e.sequences) == 2  # the request and its probe

@@ -40,7 +40,7 @@ def server(tiny_llama_dir):
     logs = LogRecords()
     logging.getLogger().addHandler(logs)
     with Live(pipe, MODEL) as live:
-        live.logs = logs
+        live.logs, live.bytes_per_token = logs, pipe.engine.kv_bytes_per_token
         yield live
     logging.getLogger().removeHandler(logs)
 
@@ -204,17 +204,28 @@ def test_bad_input_through_the_openai_client(client):
     assert "messages is empty" in str(err.value)
 
 
-def test_a_request_the_pool_can_never_hold_is_a_503_with_a_reason(server):
+def test_a_request_the_pool_can_never_hold_is_a_400_or_runs_memory_bounded(server):
+    """Without eviction, a prompt longer than the pool is a one-line 400 (retrying cannot help); with
+    eviction configured the same request runs memory-bounded, and one the pool can hold whole is evicted
+    after its prompt. Each response and /metrics say which path it took."""
     body = {"model": MODEL, "prompt": "word " * 2100, "max_tokens": 100}  # > 64 blocks x 32 slots
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
-    assert r.status_code == 503, r.text
+    assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert "KV blocks" in err["message"] and "\n" not in err["message"] and err["type"] == "service_unavailable"
-    # with eviction the same request fits: the whole prompt once, then the budget
+    assert "KV blocks" in err["message"] and "\n" not in err["message"] and err["type"] == "invalid_request_error"
+    before = server.metrics()
     body["kv_cache_eviction"] = {"policy": "streaming", "budget": 256}
-    body["prompt"] = "word " * 1900
-    assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
-    server.wait_idle()
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["kv_cache"]["eviction_mode"] == "memory_bounded", r.text
+    assert r.json()["kv_cache"]["peak_kv_bytes"] < r.json()["usage"]["prompt_tokens"] * server.bytes_per_token / 2
+    body["prompt"] = "word " * 1900  # the whole prompt once, then the budget
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["kv_cache"]["eviction_mode"] == "after_prompt", r.text
+    assert r.json()["kv_cache"]["peak_kv_bytes"] == r.json()["usage"]["prompt_tokens"] * server.bytes_per_token
+    after = server.wait_idle()
+    for mode in ("memory_bounded", "after_prompt"):
+        key = f"kvcrush_requests_by_eviction_mode_total{{mode={mode}}}"
+        assert after[key] == before.get(key, 0) + 1
 
 
 def test_client_gone_before_a_non_streaming_answer_cancels_it(server):

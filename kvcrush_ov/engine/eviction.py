@@ -41,20 +41,30 @@ class EvictionPlan:
     budget: int
     window: int               # newest queries scored per head at each eviction (0: no scores needed)
     during_decode: bool
-    during_prefill: bool      # compact between prompt chunks (memory-bounded prefill)
-    prefill_chunk: int = 0    # prompt tokens added between two such compactions (resolved by Evictor.plan)
+    during_prefill: bool      # compact between prompt chunks (memory-bounded prefill); resolved per request
+    prefill_chunk: int = 0    # prompt tokens added between two such compactions (0: no chunk fits the pool)
     prefill_window: int = 0   # queries scored at those compactions (resolved by Evictor.plan)
     probe: bool = False       # score those compactions with a probe of the prompt's tail instead
+    prefill: str = "after"    # the configured mode: "auto" is resolved per request by LLMEngine
 
     @property
     def query_window(self) -> int:
         """Newest queries a sequence with this plan keeps for scoring."""
         return max(self.window, self.prefill_window if self.during_prefill else 0)
 
+    @property
+    def path(self) -> str:
+        """Which path a request with this plan takes: evicted after its whole prompt, or memory-bounded."""
+        return "memory_bounded" if self.during_prefill else "after_prompt"
+
+    def bounded(self, during_prefill: bool) -> "EvictionPlan":
+        """This plan with its prefill mode decided (a probe only serves memory-bounded prefill)."""
+        return replace(self, during_prefill=during_prefill, probe=self.probe and during_prefill)
+
     @classmethod
     def from_config(cls, config: CacheEvictionConfig) -> "EvictionPlan":
         return cls(config.make_policy(), config.budget, config.window, config.evict_during_decode,
-                   config.prefill == "chunked")
+                   config.prefill == "chunked", prefill=config.prefill)
 
 
 @dataclass
@@ -104,19 +114,18 @@ class Evictor:
         # Memory-bounded prefill adds this many prompt tokens between compactions (the budget unless set;
         # fewer, larger compactions cost less and decide on more context): budget + chunk + one block
         # must fit the pool, so the chunk shrinks to fit.
-        if plan.during_prefill and 0 < config.prefill_chunk < bs:
+        if config.prefill != "after" and 0 < config.prefill_chunk < bs:
             raise ConfigError(f"CacheEvictionConfig.prefill_chunk={config.prefill_chunk} is below one KV block "
                               f"({bs} tokens); use at least {bs} (or 0 for the budget)")
-        chunk = config.prefill_chunk or plan.budget
-        if plan.policy.name == "full":  # it keeps every token: a prompt cannot be bounded while it fills
-            plan = replace(plan, during_prefill=False)
-        plan = replace(plan, prefill_chunk=max(0, min(chunk, pool - plan.budget - bs)),
+        chunk = max(0, min(config.prefill_chunk or plan.budget, pool - plan.budget - bs))
+        bounded = plan.policy.name != "full" and config.prefill != "after" and chunk >= bs
+        # "full" keeps every token: a prompt cannot be bounded while it fills
+        plan = replace(plan, during_prefill=plan.during_prefill and plan.policy.name != "full",
+                       prefill_chunk=chunk if bounded else 0,
                        prefill_window=(config.prefill_window or plan.window) if plan.window else 0,
-                       probe=plan.during_prefill and config.prefill_scores == "probe" and plan.window > 0)
-        if plan.during_prefill and plan.prefill_chunk < bs:
-            raise ConfigError(f"eviction budget {plan.budget} leaves no room for a prompt chunk in a KV pool of "
-                              f"{pool} tokens: budget + one chunk + one block ({bs}) must fit; use a budget of at "
-                              f"most {pool - 2 * bs} or a larger pool")
+                       probe=bounded and config.prefill_scores == "probe" and plan.window > 0)
+        if plan.during_prefill and not plan.prefill_chunk:
+            raise self.no_chunk_error(plan)
         if self.runner.max_position and plan.budget > self.runner.max_position:
             raise ConfigError(f"eviction budget {plan.budget} exceeds the model's context ({self.runner.max_position} "
                               f"tokens); use a budget below it")
@@ -132,6 +141,12 @@ class Evictor:
             raise ConfigError(f"policy {plan.policy.name!r} keeps different lengths per layer; build the engine "
                               f"with it as the default policy (or per_layer_lengths=True) to use it per request")
         return plan
+
+    def no_chunk_error(self, plan: EvictionPlan) -> ConfigError:
+        bs, pool = self.runner.block_size, self.blocks.num_blocks * self.runner.block_size
+        return ConfigError(f"eviction budget {plan.budget} leaves no room for a prompt chunk in a KV pool of "
+                           f"{pool} tokens: budget + one chunk + one block ({bs}) must fit; use a budget of at "
+                           f"most {pool - 2 * bs} or a larger pool")
 
     # -- the state it owns ---------------------------------------------------------------------------
     def state(self, seq: Sequence) -> EvictionState:
@@ -178,27 +193,31 @@ class Evictor:
                 st.queries = rows if st.queries is None else np.concatenate([st.queries, rows], axis=1)[:, -window:]
             begin = end
 
+    def is_due(self, seq: Sequence) -> bool:
+        """Whether the sequence has outgrown its budget at this point (see maybe_evict)."""
+        plan = seq.eviction
+        prompt_done = seq.num_computed >= seq.num_prompt_tokens
+        if plan is None or seq.is_finished or not (prompt_done or plan.during_prefill):
+            return False
+        st = self._states.get(seq.seq_id) or EvictionState()
+        lens = self.blocks.layer_lens(seq.seq_id)
+        if not prompt_done:  # every prefill_chunk tokens past the budget: at fixed prompt positions, so the
+            return int(lens.max()) >= plan.budget + plan.prefill_chunk  # result does not depend on batching
+        if st.targets is None:
+            return int(lens.max()) > plan.budget
+        if not st.scored_prompt_end:
+            return bool((lens > st.targets).any())
+        # a block's worth past its target in any layer
+        return plan.during_decode and bool((lens >= st.targets + self.runner.block_size).any())
+
     def maybe_evict(self, seq: Sequence) -> bool:
         """Evict if the sequence has outgrown its budget: during a chunked prefill each time it holds
         budget + prefill_chunk slots, at the prompt's end (always, so the final keep-set is scored by the
         prompt's own last queries, where the question usually is), then each time decoding has grown a
         layer a block past its target."""
-        plan = seq.eviction
-        prompt_done = seq.num_computed >= seq.num_prompt_tokens
-        if plan is None or seq.is_finished or not (prompt_done or plan.during_prefill):
+        if not self.is_due(seq):
             return False
-        st = self.state(seq)
-        lens = self.blocks.layer_lens(seq.seq_id)
-        if not prompt_done:  # every prefill_chunk tokens past the budget: at fixed prompt positions, so the
-            over = int(lens.max()) >= plan.budget + plan.prefill_chunk  # result does not depend on batching
-        elif st.targets is None:
-            over = int(lens.max()) > plan.budget
-        elif not st.scored_prompt_end:
-            over = bool((lens > st.targets).any())
-        else:  # a block's worth past its target in any layer
-            over = plan.during_decode and bool((lens >= st.targets + self.runner.block_size).any())
-        if not over:
-            return False
+        plan, st, lens = seq.eviction, self.state(seq), self.blocks.layer_lens(seq.seq_id)
         # Compaction first gives the sequence private copies of blocks it shares with a fork; when the
         # pool has no room for them, wait (retried every step; the scheduler preempts to free blocks).
         uneven = self.blocks.is_uneven(seq.seq_id)

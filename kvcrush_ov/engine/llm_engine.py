@@ -124,7 +124,7 @@ class LLMEngine:
         if max_pos and len(ids) + config.max_new_tokens > max_pos:
             raise PromptError(f"prompt ({len(ids)} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds the "
                               f"model's maximum position {max_pos}; shorten the prompt or lower max_new_tokens")
-        plan = self._plan(eviction)
+        plan = self._for_prompt(self._plan(eviction), len(ids), config)
         self._check_fits(len(ids), config, plan)
         eos = frozenset({config.eos_token_id}) if config.eos_token_id >= 0 else self.eos_token_ids
         seq = Sequence(next(self._ids), ids, len(ids), config, eos_token_ids=eos, streamer=streamer,
@@ -146,16 +146,40 @@ class LLMEngine:
         self.sequences[probe.seq_id] = probe
         self.scheduler.add(probe)
 
+    def _for_prompt(self, plan: EvictionPlan | None, num_prompt: int, config: GenerationConfig) -> EvictionPlan | None:
+        """Decide an "auto" plan's prefill mode from the request and the pool's size (never the momentary
+        load): after the whole prompt when the pool can ever hold it, memory-bounded only when it cannot."""
+        if plan is None or plan.prefill != "auto":
+            return plan
+        after = plan.bounded(False)
+        if self.fits_pool(num_prompt, config, after):
+            return after
+        if not plan.prefill_chunk:
+            raise self.evictor.no_chunk_error(plan)
+        return plan.bounded(True)
+
     def _query_window(self, plan: EvictionPlan | None, asked: int) -> int:
         if asked and not self.runner.softmax_scales:
             raise ConfigError("query_window needs an engine built for eviction (enable_eviction=True)")
         return max(plan.query_window if plan is not None else 0, asked)
 
-    def _check_fits(self, num_prompt: int, config: GenerationConfig, plan: EvictionPlan | None) -> None:
-        """A request must fit the pool alone (else preemption could never make room for it)."""
+    def plan_for(self, num_prompt: int, config: GenerationConfig, eviction: Any = "default") -> EvictionPlan | None:
+        """The plan a request of this length would run with (its eviction_mode decided), without adding it."""
+        return self._for_prompt(self._plan(eviction), num_prompt, config)
+
+    def fits_pool(self, num_prompt: int, config: GenerationConfig, plan: EvictionPlan | None) -> bool:
+        """Whether the pool can ever hold such a request alone (else preemption could never make room)."""
         most = self.scheduler.footprint(num_prompt, config.max_new_tokens, plan)
-        need = self.blocks.blocks_for(most)
-        if need > self.blocks.num_blocks:
+        return self.blocks.blocks_for(most) <= self.blocks.num_blocks
+
+    def blocks_after_eviction(self, plan: EvictionPlan, num_tokens: int) -> int:
+        """Blocks a sequence of num_tokens holds in its fullest layer once evicted (a block of growth included)."""
+        keep = int(np.max(plan.policy.layer_budgets(self.runner.num_layers, plan.budget, num_tokens)))
+        return self.blocks.blocks_for(min(num_tokens, keep) + self.blocks.block_size)
+
+    def _check_fits(self, num_prompt: int, config: GenerationConfig, plan: EvictionPlan | None) -> None:
+        if not self.fits_pool(num_prompt, config, plan):
+            need = self.blocks.blocks_for(self.scheduler.footprint(num_prompt, config.max_new_tokens, plan))
             bs = self.blocks.block_size
             hint = "raise cache_size/num_kv_blocks"
             fits = (self.blocks.num_blocks * bs - bs - min(self.config.max_num_batched_tokens, 4 * bs)) // bs * bs
@@ -163,7 +187,7 @@ class LLMEngine:
                 hint += (f", or enable eviction with a budget of at most ~{fits} tokens (e.g. "
                          f"CacheEvictionConfig('kvcrush', budget={fits}), `--policy kvcrush --budget {fits}`)")
             elif plan is not None and not plan.during_prefill:
-                hint += " or evict during prefill (CacheEvictionConfig(prefill='chunked'))"
+                hint += " or let eviction bound the prompt (CacheEvictionConfig(prefill='auto'))"
             raise CacheCapacityError(
                 f"one request needs {need} KV blocks ({num_prompt} prompt + {config.max_new_tokens} new tokens) but "
                 f"the pool has {self.blocks.num_blocks}; {hint}")
@@ -183,7 +207,8 @@ class LLMEngine:
         """
         if parent.is_finished or parent.status is not Status.RUNNING or parent.num_uncomputed != 1:
             raise KVCrushError("fork a running sequence between steps, once its prompt is processed")
-        plan, config = self._plan(eviction), config or parent.config
+        config = config or parent.config
+        plan = self._for_prompt(self._plan(eviction), parent.num_prompt_tokens, config)
         if plan is not None and plan != parent.eviction and self.evictor.has_evicted(parent):
             raise KVCrushError("fork with a different eviction plan before the parent evicts (e.g. from a "
                                "full-cache parent), or with the parent's own plan")
@@ -201,9 +226,17 @@ class LLMEngine:
         child.metrics.peak_kv_slots = self.blocks.cache_len(parent.seq_id)
         self.blocks.fork(parent.seq_id, child.seq_id)
         self.evictor.fork(parent, child)
+        # The child evicts now, where a request of its own would have (after its whole prompt); if the pool
+        # has no room for the private copies that needs, it would decode over budget first: refuse instead.
+        if not self.evictor.maybe_evict(child) and self.evictor.is_due(child):
+            self.blocks.free(child.seq_id)
+            self.evictor.drop(child)
+            raise CacheCapacityError(f"no free KV blocks to fork now: the fork must copy the blocks it keeps "
+                                     f"({self.blocks.blocks_for(plan.budget)} per layer, "
+                                     f"{self.blocks.num_free_blocks} free); fork when the pool has room, or add "
+                                     f"the request on its own")
         self.sequences[child.seq_id] = child
         self.scheduler.add(child)
-        self.evictor.maybe_evict(child)
         return child
 
     def abort(self, seq_id: int) -> None:
@@ -267,11 +300,11 @@ class LLMEngine:
         for seq in sorted(sampling, key=lambda s: s.token_source is not None):
             self._emit(seq, logits[rows[id(seq)]], None if greedy is None else int(greedy[rows[id(seq)]]), now)
         for c in out.chunks:
+            m = c.seq.metrics  # the peak is what the sequence held before it evicted
+            m.peak_kv_slots = max(m.peak_kv_slots, self.blocks.cache_len(c.seq.seq_id))
             self.evictor.maybe_evict(c.seq)
-            lens = self.blocks.layer_lens(c.seq.seq_id)
-            m = c.seq.metrics
-            m.peak_kv_slots = max(m.peak_kv_slots, int(lens.max(initial=0)))
             if c.seq.num_computed >= c.seq.num_prompt_tokens:
+                lens = self.blocks.layer_lens(c.seq.seq_id)
                 m.peak_decode_kv_slots = max(m.peak_decode_kv_slots, float(lens.mean()))  # layers may differ
         self.last_step = StepStats(out.num_tokens, n_prefill, n_decode, time.perf_counter() - t0)
         return self._drop_finished()

@@ -95,11 +95,8 @@ class Scheduler:
             if seq.status is Status.WAITING and holding >= self.max_num_seqs:
                 break
             n = self._chunk_size(seq, budget)
-            plan = seq.eviction
-            if seq.status is Status.WAITING and plan is not None and plan.during_prefill:
-                free_slots = self.blocks.num_free_blocks * self.blocks.block_size
-                if free_slots < self.footprint(len(seq), seq.config.max_new_tokens - seq.num_generated, plan):
-                    break  # admitted once its compressed footprint fits, in arrival order
+            if seq.status is Status.WAITING and seq.eviction is not None and not self._admits(seq):
+                break  # admitted in arrival order once its peak fits beside what running ones will claim
             if n <= 0 and seq.status is Status.RUNNING and not out.chunks:
                 n = self._make_room(seq, out, budget)  # a prompt stuck mid-prefill: nothing else would run
             if n <= 0:
@@ -118,9 +115,32 @@ class Scheduler:
         if plan is None:
             return most
         bs = self.blocks.block_size
+        grow = bs if plan.during_decode else num_new
         if plan.during_prefill:
-            return min(most, plan.budget + plan.prefill_chunk + bs)
-        return min(most, max(num_tokens + 1, plan.budget + bs))  # the whole prompt once, then the budget
+            return min(most, max(plan.budget + plan.prefill_chunk + bs, plan.budget + grow))
+        return min(most, max(num_tokens + 1, plan.budget + grow))  # the whole prompt once, then the budget
+
+    def _peak_blocks(self, seq: Sequence) -> int:
+        """Blocks per layer an evicting sequence holds at its peak from where it stands: its whole prompt
+        (or one chunk past its budget) while prefilling, one block past its budget while decoding."""
+        plan, num_new = seq.eviction, seq.config.max_new_tokens - seq.num_generated
+        if seq.status is Status.WAITING or seq.num_uncomputed > 1:  # (re)filling its prompt
+            return self.blocks.blocks_for(self.footprint(len(seq), num_new, plan))
+        grow = self.blocks.block_size if plan.during_decode else num_new
+        return self.blocks.blocks_for(min(self.blocks.cache_len(seq.seq_id) + num_new, plan.budget + grow))
+
+    def _admits(self, seq: Sequence) -> bool:
+        """Whether an evicting request may start: its peak must fit in the free blocks that running
+        evicting sequences will not still claim (the rest of a prompt being prefilled whole, a decoder's
+        growth to a block past its budget). So an admitted prompt completes without preempting, long
+        prompts prefill one at a time when the pool is tight, and a waiting one blocks newer ones (no
+        starvation). Full-cache sequences claim nothing ahead, as in openvino-genai (preemption covers them)."""
+        claimed = 0
+        for s in self.seqs:
+            if s.status is Status.RUNNING and s.eviction is not None:
+                held = max((len(t) for t in self.blocks.tables.get(s.seq_id, ())), default=0)
+                claimed += max(0, self._peak_blocks(s) - held)
+        return self.blocks.num_free_blocks - claimed >= self._peak_blocks(seq)
 
     def _chunk_size(self, seq: Sequence, budget: int) -> int:
         """Tokens of `seq` this step can take: the step's budget, free slots, and for memory-bounded

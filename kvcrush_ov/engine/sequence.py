@@ -84,6 +84,12 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def eviction_mode(self) -> str:
+        """The path this request takes: "none" (full cache), "after_prompt" (evicted once its whole prompt
+        is cached) or "memory_bounded" (compacted while its prompt is prefilled: the pool cannot hold it)."""
+        return "none" if self.eviction is None else self.eviction.path
+
+    @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 

@@ -1,8 +1,13 @@
 """Run a suite under several eviction policies and budgets, and openvino-genai's native eviction.
 
-Our engine prefills each sample ONCE (full cache, the reference) and forks every (policy, budget) from
-the shared prefix blocks (copy-on-write): each fork evicts to its own budget and decodes greedily; a
-second, teacher-forced fork per configuration follows the full-cache continuation to measure NLL/KL.
+Every row runs the path `LLMPipeline.generate` runs with the same CacheEvictionConfig (by default
+prefill="auto": evicted after the whole prompt when the KV pool can hold it, memory-bounded when it
+cannot). Rows on the after-prompt path share one prefill: our engine prefills each sample ONCE (full
+cache, the reference) and forks each such (policy, budget) from the shared prefix blocks
+(copy-on-write); the fork evicts at the same point, with the same queries and keys, as the request
+would alone. Rows on the memory-bounded path (the prompt is too long for the pool, or a variant forces
+`prefill=chunked`) run their own request. A second, teacher-forced run per configuration follows the
+full-cache continuation to measure NLL/KL (none when the full cache cannot hold the prompt).
 Native policies (`native-snapkv`, `native-kvcrush`) run openvino_genai's ContinuousBatchingPipeline with
 its own CacheEvictionConfig at the same total KV tokens (its KVCrush blocks counted inside the budget).
 Per-sample results are cached in OUT/samples/ so an interrupted run resumes where it stopped.
@@ -46,6 +51,7 @@ class EvalConfig:
     budget_bytes: bool = False          # budgets are KV bytes per sequence (equal-bytes comparison)
     properties: dict | None = None      # OpenVINO compile properties (e.g. INFERENCE_PRECISION_HINT)
     reference: str | None = None        # summary rows get paired differences to this policy (eval/paired.py)
+    num_kv_blocks: int = 0              # KV pool in blocks (overrides cache_size): prompts beyond it run memory-bounded
 
     def __post_init__(self) -> None:
         check_reference(self.reference, self.policies)
@@ -61,6 +67,8 @@ class EvalConfig:
         fields = [str(model_dir), self.device, self.policy_options, self.seed]
         if self.kv_precision or self.budget_bytes or self.properties:
             fields += [self.kv_precision, self.budget_bytes, self.properties]
+        if self.num_kv_blocks:
+            fields += [self.num_kv_blocks]
         blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -94,10 +102,11 @@ class Runner:
                 self.signatures[spec] = "native" if name in NATIVE else "full"
                 continue
             policy = make_policy(name, **options)
-            self.signatures[spec] = repr(policy) + ("" if prefill == {"prefill": "after"} else f" {prefill}")
+            self.signatures[spec] = repr(policy) + (f" {prefill}" if prefill else "")
             per_layer |= policy.per_layer_budgets
         self.engine = LLMEngine(self.model_dir, config.device,
-                                SchedulerConfig(cache_size=config.cache_size, kv_cache_precision=config.kv_precision),
+                                SchedulerConfig(cache_size=config.cache_size, num_kv_blocks=config.num_kv_blocks,
+                                                kv_cache_precision=config.kv_precision),
                                 config.properties, decode=self.tokenizer.decode, enable_eviction=True,
                                 eos_token_ids=frozenset({self.tokenizer.eos_token_id}), per_layer_lengths=per_layer)
         self.bytes_per_token = self.engine.kv_bytes_per_token
@@ -107,14 +116,12 @@ class Runner:
         self.precision = self.engine.kv_precision
 
     def _spec(self, spec: str) -> tuple[str, dict, dict]:
-        """'kvcrush:anchors=alternate;prefill=chunked' -> (name, policy options, eviction options). Forks
-        of the shared prefill are evicted after it (prefill "after"); prefill=chunked (with its
-        prefill_chunk / prefill_window / prefill_scores) runs its own memory-bounded prefill."""
+        """'kvcrush:anchors=alternate;prefill=chunked' -> (name, policy options, eviction options). Without
+        prefill options a row runs the default path; a variant naming prefill=... forces that mode."""
         name, variant = parse_policy(spec)
         options = {**(self.config.policy_options or {}).get(name, {}), **variant}
         eviction = {k: options.pop(k) for k in PREFILL_OPTIONS if k in options}
-        eviction.setdefault("prefill", "after")
-        if eviction["prefill"] not in PREFILL_MODES:
+        if eviction.get("prefill", "auto") not in PREFILL_MODES:
             raise ConfigError(f"policy variant {spec!r}: prefill must be one of {', '.join(PREFILL_MODES)}")
         return name, options, eviction
 
@@ -123,29 +130,40 @@ class Runner:
             return max(int(budget) // self.bytes_per_token, minimum)
         return budget_tokens(budget, prompt_len, minimum)
 
-    # -- our engine: one prefill, every policy/budget forked from it ---------------------------------
+    # -- our engine: one prefill, every after-prompt row forked from it ---------------------------------
     def _ours(self, sample: Sample, ids: list[int]) -> list[dict]:
         engine, cfg = self.engine, GenerationConfig(max_new_tokens=sample.max_new_tokens,
                                                     eos_token_id=self.tokenizer.eos_token_id)
         t0 = time.perf_counter()
-        plans = {}  # (policy spec, budget) -> (tokens, CacheEvictionConfig)
+        plans = {}  # (policy spec, budget) -> (tokens, CacheEvictionConfig, its path)
         for policy in self.config.policies:
             name, options, eviction = self._spec(policy)
             if name in NATIVE or name == "full":
                 continue
             for budget in self.config.budgets:
                 tokens = self._tokens(budget, len(ids), make_policy(name, **options).protected_tokens)
-                plans[(policy, budget)] = (tokens, CacheEvictionConfig(name, budget=tokens, options=options,
-                                                                       **eviction))
-        forked = {k: v for k, v in plans.items() if v[1].prefill == "after"}
-        reference = FullCacheReference()
-        parent = engine.add_request(ids, cfg, eviction=None, logits_observer=reference.observe,
-                                    query_window=max([ev.window for _, ev in forked.values()], default=0))
-        while parent.num_generated == 0 and not parent.is_finished:
-            engine.step()
-        t_prefill = time.perf_counter() - t0
+                ev = CacheEvictionConfig(name, budget=tokens, options=options, **eviction)
+                plans[(policy, budget)] = (tokens, ev, engine.plan_for(len(ids), cfg, ev).path)
+        # The full cache is the reference (and the parent of the forks) when the pool can hold it. A fork
+        # is the request it stands for only if nothing preempts it: fork while the pool holds the
+        # reference's peak and every fork (and its teacher-forced twin) once evicted; run the rest alone.
+        has_full = engine.fits_pool(len(ids), cfg, None)
+        room = engine.blocks.num_blocks - engine.blocks.blocks_for(len(ids) + cfg.max_new_tokens)
+        forked = {}
+        for key, (tokens, ev, path) in plans.items():
+            need = 2 * engine.blocks_after_eviction(engine.plan_for(len(ids), cfg, ev), len(ids))
+            if has_full and path == "after_prompt" and need <= room:
+                forked[key], room = plans[key], room - need
+        reference = FullCacheReference() if has_full else None
+        parent, t_prefill = None, 0.0
+        if has_full:
+            parent = engine.add_request(ids, cfg, eviction=None, logits_observer=reference.observe,
+                                        query_window=max([ev.window for _, ev, _ in forked.values()], default=0))
+            while parent.num_generated == 0 and not parent.is_finished:
+                engine.step()
+            t_prefill = time.perf_counter() - t0
         runs = {}  # key -> (tokens, free request, forced run, start, prefill seconds)
-        for key, (tokens, ev) in forked.items():
+        for key, (tokens, ev, _) in forked.items():
             if parent.is_finished:  # one-token answer: nothing to fork, every policy saw the full prompt
                 runs[key] = (tokens, parent, None, t0, t_prefill)
                 continue
@@ -160,37 +178,40 @@ class Runner:
         t_end = time.perf_counter()
         self.timing["prefill_s"] += t_prefill
         self.timing["fanout_decode_s"] += t_end - t1
-        self.timing["runs"] += 1 + 2 * len(forked)
-        # Memory-bounded prefill cannot share the full prefill: each runs alone, forced against the
-        # full cache's finished continuation.
-        for key, (tokens, ev) in plans.items():
-            if ev.prefill == "after":
+        self.timing["runs"] += int(has_full) + 2 * len(forked)
+        # Memory-bounded rows (and forks the pool had no room for) run alone, as LLMPipeline would run them,
+        # forced against the full cache's finished continuation when there is one.
+        for key, (tokens, ev, _) in plans.items():
+            if key in forked:
                 continue
             free = engine.add_request(ids, cfg, eviction=ev)
-            forced_run = reference.forced_run()
-            engine.add_request(ids, cfg, eviction=ev, token_source=forced_run.next_token,
-                               logits_observer=forced_run.observe)
+            forced_run = None
+            if reference is not None:
+                forced_run = reference.forced_run()
+                engine.add_request(ids, cfg, eviction=ev, token_source=forced_run.next_token,
+                                   logits_observer=forced_run.observe)
             runs[key] = (tokens, free, forced_run, free.arrival, None)
         while engine.has_unfinished:
             engine.step()
-        full_text = self._text(parent)
-        full_nll = reference.nll(parent.output_ids)
+        full_text = self._text(parent) if parent is not None else None
+        full_nll = reference.nll(parent.output_ids) if parent is not None else None
         rows = []
-        if "full" in self.config.policies:
+        if "full" in self.config.policies and parent is not None:
             for budget in self.config.budgets:
                 rows.append(self._row(sample, ids, "full", budget, len(ids), full_text, full_text,
                                       parent.metrics.peak_decode_kv_slots, t_end - t0,
                                       (full_nll, None if full_nll is None else 0.0))
                             | {"peak_kv_bytes": int(parent.metrics.peak_kv_slots * self.bytes_per_token),
-                               "prefill_s": float(t_prefill)})
+                               "prefill_s": float(t_prefill), "eviction_mode": parent.eviction_mode})
         for (policy, budget), (tokens, free, forced_run, start, shared_prefill) in runs.items():
             end = max(free.token_times[-1] if free.token_times else start, start)
-            nll_kl = (full_nll, 0.0) if forced_run is None else (forced_run.nll, forced_run.kl)
+            nll_kl = ((full_nll, 0.0) if free is parent else
+                      (None, None) if forced_run is None else (forced_run.nll, forced_run.kl))
             prefill_s = shared_prefill if shared_prefill is not None else (free.first_token_time or end) - start
             rows.append(self._row(sample, ids, policy, budget, tokens, self._text(free), full_text,
                                   free.metrics.peak_decode_kv_slots, (shared_prefill or 0.0) + end - start, nll_kl)
                         | {"peak_kv_bytes": int(free.metrics.peak_kv_slots * self.bytes_per_token),
-                           "prefill_s": float(prefill_s)})
+                           "prefill_s": float(prefill_s), "eviction_mode": plans[(policy, budget)][2]})
         return rows
 
     def _text(self, seq) -> str:
@@ -204,12 +225,13 @@ class Runner:
                 "kv_precision": self.precision, "signature": self.signatures[policy],
                 "policy": policy, "budget": budget, "budget_tokens": int(min(tokens, len(ids))),
                 "prediction": text, "score": score(text, sample.answers, sample.metric),
-                "exact_match_full": exact_match_rate([text], [full_text]), "rouge_l_full": 100 * rouge_l(text, full_text),
+                "exact_match_full": None if full_text is None else exact_match_rate([text], [full_text]),
+                "rouge_l_full": None if full_text is None else 100 * rouge_l(text, full_text),
                 "nll": nll_kl[0], "kl": nll_kl[1], "kv_bytes": int(round(kv_slots * self.bytes_per_token)),
                 "latency_s": float(latency)}
 
     # -- openvino-genai's native eviction ---------------------------------------------------------
-    def _native(self, sample: Sample, ids: list[int], full_text: str) -> list[dict]:
+    def _native(self, sample: Sample, ids: list[int], full_text: str | None) -> list[dict]:
         import openvino as ov
         import openvino_genai as ov_genai
 
@@ -267,9 +289,11 @@ class Runner:
             cached.write_text(json.dumps(valid))
         return valid
 
-    def _full_text(self, sample: Sample, ids: list[int]) -> str:
-        seq = self.engine.add_request(ids, GenerationConfig(max_new_tokens=sample.max_new_tokens,
-                                                            eos_token_id=self.tokenizer.eos_token_id), eviction=None)
+    def _full_text(self, sample: Sample, ids: list[int]) -> str | None:
+        cfg = GenerationConfig(max_new_tokens=sample.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id)
+        if not self.engine.fits_pool(len(ids), cfg, None):
+            return None  # the pool cannot hold the full cache: no reference text
+        seq = self.engine.add_request(ids, cfg, eviction=None)
         while self.engine.has_unfinished:
             self.engine.step()
         return self._text(seq)
@@ -289,8 +313,8 @@ def summarize(rows: list[dict], policies: list[str], budgets: list[float], refer
             summary.append({
                 "policy": policy, "budget": budget, "kv_precision": precision, "n": len(sel), "score": mean,
                 "score_ci95": None if np.isnan(ci) else ci,
-                "faithfulness": float(np.mean([r["exact_match_full"] for r in sel])),
-                "rouge_l_full": float(np.mean([r["rouge_l_full"] for r in sel])),
+                "faithfulness": float(np.mean(finite("exact_match_full"))) if finite("exact_match_full") else None,
+                "rouge_l_full": float(np.mean(finite("rouge_l_full"))) if finite("rouge_l_full") else None,
                 "nll": float(np.mean(finite("nll"))) if finite("nll") else None,
                 "kl": float(np.mean(finite("kl"))) if finite("kl") else None,
                 "kv_bytes_per_seq": float(np.mean([r["kv_bytes"] for r in sel])),
@@ -340,7 +364,7 @@ def report_markdown(summary: list[dict], meta: dict) -> str:
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     for s in summary:
         lines.append(f"| {s['policy']} | {s['budget']:g} | {s['kv_precision']} | {s['n']} | {s['score']:.1f} | {fmt(s['score_ci95'], '.1f')} | "
-                     f"{s['faithfulness']:.1f} | {s['rouge_l_full']:.1f} | {fmt(s['nll'], '.3f')} | {fmt(s['kl'], '.4f')} | "
+                     f"{fmt(s['faithfulness'], '.1f')} | {fmt(s['rouge_l_full'], '.1f')} | {fmt(s['nll'], '.3f')} | {fmt(s['kl'], '.4f')} | "
                      f"{s['kv_bytes_per_seq'] / 2**20:.2f} | {s['latency_s']:.2f} |")
     f = meta.get("fanout")
     if f:

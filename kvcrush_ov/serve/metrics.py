@@ -44,6 +44,12 @@ class LoopCollector:
         for status, n in sorted(m.requests_finished.items()):
             finished.add_metric([status], n)
         yield finished
+        modes = CounterMetricFamily("kvcrush_requests_by_eviction_mode",
+                                    "Requests ended, by eviction path (none, after_prompt, memory_bounded)",
+                                    labels=["mode"])
+        for mode, n in sorted(m.requests_by_eviction_mode.items()):
+            modes.add_metric([mode], n)
+        yield modes
 
 
 def metrics_registry(pipe) -> CollectorRegistry:

@@ -5,7 +5,8 @@
 No scheduling happens here: a request becomes one `ContinuousBatchingPipeline.add_request`, its
 handle's outputs become the response (or SSE events), and a client that goes away cancels its handle,
 which frees its KV blocks before the next engine step. Bad input is a 400 with an OpenAI error object
-and one log line; a request the KV pool can never hold is a 503 with the reason.
+and one log line; so is a request the KV pool can never hold (without eviction: with it, such a
+prompt runs memory-bounded).
 """
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def create_app(pipe: ContinuousBatchingPipeline, model_name: str, replica: str |
             raise HTTPError(400, message, param=param) from None
 
     async def submit(body: _Sampling, ids_of) -> GenerationHandle:
-        """Validate and queue one request; engine errors become 400 / 503."""
+        """Validate and queue one request; engine errors become 400."""
         if body.model not in (None, "", model_name):
             raise HTTPError(400, f"unknown model {body.model!r}; this server serves {model_name!r}",
                             param="model")
@@ -143,9 +144,7 @@ def create_app(pipe: ContinuousBatchingPipeline, model_name: str, replica: str |
             eviction = body.eviction()
             return await asyncio.to_thread(
                 lambda: pipe.loop.add([(uuid.uuid4().hex, ids, config, eviction)], text=body.stream)[0])
-        except CacheCapacityError as e:
-            raise HTTPError(503, str(e), "service_unavailable") from None
-        except KVCrushError as e:
+        except KVCrushError as e:  # a request the pool can never hold (CacheCapacityError) included: not worth retrying
             raise HTTPError(400, str(e)) from None
 
     async def wait_or_cancel(handle: GenerationHandle, request: Request) -> None:
@@ -170,6 +169,12 @@ def create_app(pipe: ContinuousBatchingPipeline, model_name: str, replica: str |
         n = len(seq.output_ids)
         return {"prompt_tokens": seq.num_prompt_tokens, "completion_tokens": n, "total_tokens": seq.num_prompt_tokens + n}
 
+    def kv_cache(handle: GenerationHandle) -> dict:
+        """What the request's KV cost and which eviction path it took (an extension field)."""
+        seq, bpt = handle.sequence, pipe.engine.kv_bytes_per_token
+        return {"eviction_mode": seq.eviction_mode, "peak_kv_bytes": seq.metrics.peak_kv_slots * bpt,
+                "evictions": seq.metrics.evictions}
+
     def check_failed(handle: GenerationHandle) -> None:
         if handle.get_status() is GenerationStatus.FAILED:
             raise HTTPError(500, handle.error or "the request failed", "server_error")
@@ -191,7 +196,7 @@ def create_app(pipe: ContinuousBatchingPipeline, model_name: str, replica: str |
         else:
             choice = {"index": 0, "text": out.text, "finish_reason": reason, "logprobs": None}
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": model_name, "choices": [choice], "usage": usage(handle)}
+                "model": model_name, "choices": [choice], "usage": usage(handle), "kv_cache": kv_cache(handle)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
