@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from ..continuous_batching import ContinuousBatchingPipeline, GenerationHandle, GenerationStatus
 from ..engine_loop import GenerationFinishReason
-from ..errors import CacheCapacityError, KVCrushError
+from ..errors import KVCrushError
 from .metrics import metrics_registry, render_metrics
 from .protocol import ChatRequest, CompletionRequest, _Sampling, chat_prompt, completion_prompt
 
