@@ -8,12 +8,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import KVCrushError
-from .options import parse_options, parse_qualified_options
+from .core.errors import KVCrushError
+from .core.options import parse_options, parse_qualified_options
 
 
 def _model_dir(arg: str) -> Path:
-    from .models import resolve_model_dir
+    from .tools.models import resolve_model_dir
     return resolve_model_dir(arg)
 
 
@@ -25,7 +25,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def _eviction_config(args: argparse.Namespace, policy: str | None = None, budget: int | None = None):
-    from .eviction_config import CacheEvictionConfig
+    from .core.eviction_config import CacheEvictionConfig
     policy = policy or getattr(args, "policy", None)
     if policy in (None, "full"):
         return None
@@ -44,7 +44,7 @@ def _add_prefill_args(p: argparse.ArgumentParser) -> None:
 
 
 def _scheduler_config(args: argparse.Namespace, eviction=None):
-    from .config import SchedulerConfig
+    from .core.config import SchedulerConfig
     return SchedulerConfig(cache_size=args.cache_size, num_kv_blocks=args.num_kv_blocks,
                            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                            kv_cache_precision=args.kv_precision,
@@ -75,12 +75,12 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from . import models
+    from .tools import models
     print(models.prepare(args.name, weight_format=args.weight_format, force=args.force))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .pipeline import LLMPipeline
+    from .api.pipeline import LLMPipeline
     prompt = Path(args.prompt_file).read_text(encoding="utf-8", errors="strict") if args.prompt_file else args.prompt
     if prompt is None:
         raise KVCrushError("give a prompt: --prompt TEXT or --prompt-file FILE")
@@ -108,7 +108,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.capacity:
         import shlex
 
-        from .capacity import CapacityConfig, run_capacity
+        from .tools.capacity import CapacityConfig, run_capacity
         eviction = _eviction_config(args)
         if eviction is None:
             raise KVCrushError("--capacity compares the full cache with a policy: give --policy (e.g. kvcrush)")
@@ -119,7 +119,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             arrivals=tuple(p for p in args.arrivals.split(",") if p), arrival_rate=args.arrival_rate, seed=args.seed,
             out=Path(args.out), command="kvcrush-ov " + " ".join(shlex.quote(a) for a in sys.argv[1:])))
         return
-    from .bench import BenchConfig, run_bench
+    from .tools.bench import BenchConfig, run_bench
     run_bench(BenchConfig(_model_dir(args.model), _scheduler_config(args), device=args.device, backend=args.backend,
                           prompt_tokens=_ints(args.prompt_tokens, "--prompt-tokens"),
                           concurrency=_ints(args.concurrency, "--concurrency"),
@@ -127,7 +127,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .serve.launch import run_serve, served_name
+    from .api.serve.launch import run_serve, served_name
     model_dir = _model_dir(args.model)
     run_serve(model_dir, _scheduler_config(args), served_name(args.model, model_dir, args.served_model_name),
               device=args.device, host=args.host, port=args.port, log_level=args.log_level, ray=args.ray,
@@ -137,9 +137,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import shlex
 
-    from .eval.runner import EvalConfig, run_eval
-    from .eval.suite import load_suite
-    from .pipeline import Tokenizer
+    from .tools.eval.runner import EvalConfig, run_eval
+    from .tools.eval.suite import load_suite
+    from .api.pipeline import Tokenizer
 
     model_dir = _model_dir(args.model)
     options = parse_qualified_options(args.policy_option or [])
@@ -177,7 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .tools.demo import run_demo
     run_demo(_model_dir(args.model), args.device, _scheduler_config(args), budget_fraction=args.budget_fraction)
 
 
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="build OpenVINO IR of a known model; prints its directory last")
-    p.add_argument("name", help="smollm2-135m | gemma3-270m | tiny-llama | tiny-<arch> (kvcrush_ov.models.MODELS)")
+    p.add_argument("name", help="smollm2-135m | gemma3-270m | tiny-llama | tiny-<arch> (kvcrush_ov.tools.models.MODELS)")
     p.add_argument("--weight-format", default="fp16", help="fp16 | int8 | int4 (NNCF, as optimum-cli)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(func=cmd_prepare)

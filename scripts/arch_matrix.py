@@ -1,4 +1,4 @@
-"""Generate the README's architecture matrix: run kvcrush_ov.matrix's checks on every tiny architecture
+"""Generate the README's architecture matrix: run kvcrush_ov.tools.matrix's checks on every tiny architecture
 (and, with --gemma3, on Gemma 3 270M) and write the table between the README markers.
 
     PYTHONPATH=. python scripts/arch_matrix.py [--gemma3] [--readme README.md]
@@ -18,7 +18,7 @@ import numpy as np
 import openvino as ov
 
 from kvcrush_ov import matrix, transforms
-from kvcrush_ov.models import TINY_ARCHS, hf_dir, prepare
+from kvcrush_ov.tools.models import TINY_ARCHS, hf_dir, prepare
 
 BEGIN, END = "<!-- arch-matrix:begin -->", "<!-- arch-matrix:end -->"
 F32_HINT = {"INFERENCE_PRECISION_HINT": "f32"}

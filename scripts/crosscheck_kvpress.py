@@ -17,7 +17,7 @@ Sides:
   ours (a)  our OpenVINO engine (fp32 IR, f32 KV); SnapKV.keep_mask is wrapped at class level to
             capture the mask the evictor applies.
   ours (b)  HF eager attention probabilities (main venv transformers), summed over the last W
-            queries, fed to kvcrush_ov.policies.make_policy("snapkv", ...).
+            queries, fed to kvcrush_ov.core.policies.make_policy("snapkv", ...).
 
 Writes scripts/crosscheck_kvpress.md (tables + the command); scratch files go to --work-dir.
 The worker part imports only stdlib/numpy at module level so it runs in kvpress's venv.
@@ -263,11 +263,11 @@ def hf_window_scores(hf_dir: Path, prompts: list[dict]) -> dict[str, dict[int, n
 def engine_masks(prompts: list[dict]) -> tuple[dict, str]:
     """{(prompt id, setting, budget): bool [L, Hkv, T]} captured from the evictor's keep_mask call."""
     import openvino
-    from kvcrush_ov.config import GenerationConfig, SchedulerConfig
-    from kvcrush_ov.engine.llm_engine import LLMEngine
-    from kvcrush_ov.eviction_config import CacheEvictionConfig
-    from kvcrush_ov.models import prepare
-    from kvcrush_ov.policies.snapkv import SnapKV
+    from kvcrush_ov.core.config import GenerationConfig, SchedulerConfig
+    from kvcrush_ov.core.engine.llm_engine import LLMEngine
+    from kvcrush_ov.core.eviction_config import CacheEvictionConfig
+    from kvcrush_ov.tools.models import prepare
+    from kvcrush_ov.core.policies.snapkv import SnapKV
 
     calls: list[tuple[int, np.ndarray]] = []
     orig = SnapKV.keep_mask
@@ -314,7 +314,7 @@ def engine_masks(prompts: list[dict]) -> tuple[dict, str]:
 
 
 def policy_mask(setting: str, scores: np.ndarray, budget: int) -> np.ndarray:
-    from kvcrush_ov.policies import AttentionStats, make_policy
+    from kvcrush_ov.core.policies import AttentionStats, make_policy
     return make_policy("snapkv", **SETTINGS[setting]).keep_mask(AttentionStats(scores, 3), budget)
 
 
@@ -394,7 +394,7 @@ def main() -> None:
     os.environ.update(QUIET_ENV)
     t_start, load_start = time.time(), os.getloadavg()[0]
     sys.path.insert(0, str(HERE.parent))
-    from kvcrush_ov.models import hf_dir
+    from kvcrush_ov.tools.models import hf_dir
     from transformers import AutoTokenizer
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -443,7 +443,7 @@ def main() -> None:
         # kvpress's scores vs ours (same recipe away from the edges): relative difference, interior
         ours_kv = hf_scores[p["id"]][KV_WINDOW]
         L, hq, _ = ours_kv.shape
-        from kvcrush_ov.policies.base import pool_tokens
+        from kvcrush_ov.core.policies.base import pool_tokens
         pooled = pool_tokens(ours_kv.reshape(L, 3, hq // 3, T).mean(2), KV_KERNEL, "avg")[..., : T - KV_WINDOW] / KV_WINDOW
         theirs = kv[f"{p['id']}/scores"]
         inner = slice(2, T - KV_WINDOW - 2)

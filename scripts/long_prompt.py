@@ -3,7 +3,7 @@
     .venv/bin/python scripts/long_prompt.py [--tokens 6000 --num-kv-blocks 64 --budget 1536]
 
 The prompt is the Python stdlib's own prose with pass keys buried at several depths and the question at
-the end (kvcrush_ov.demo's builder, made longer). Each row runs every case and prints the answers, how
+the end (kvcrush_ov.tools.demo's builder, made longer). Each row runs every case and prints the answers, how
 many are right, the peak KV a sequence held, prefill (time to first token) and total seconds; a
 configuration that cannot run prints its one-line error instead. Every figure comes from the run.
 """
@@ -13,8 +13,8 @@ import argparse
 import time
 
 from kvcrush_ov import CacheEvictionConfig, KVCrushError, LLMPipeline, SchedulerConfig
-from kvcrush_ov.demo import demo_prompt
-from kvcrush_ov.models import resolve_model_dir
+from kvcrush_ov.tools.demo import demo_prompt
+from kvcrush_ov.tools.models import resolve_model_dir
 
 
 def main(argv: list[str] | None = None) -> None:

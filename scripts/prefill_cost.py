@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvcrush_ov.eval.paired import excludes_zero, paired_differences
+from kvcrush_ov.tools.eval.paired import excludes_zero, paired_differences
 
 PREFILL_KEYS = ("prefill", "prefill_chunk", "prefill_window", "prefill_scores")
 

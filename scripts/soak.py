@@ -25,9 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvcrush_ov import CacheEvictionConfig, GenerationConfig, SchedulerConfig  # noqa: E402
-from kvcrush_ov.engine.llm_engine import LLMEngine  # noqa: E402
-from kvcrush_ov.engine.sequence import FinishReason  # noqa: E402
-from kvcrush_ov.pipeline import Tokenizer  # noqa: E402
+from kvcrush_ov.core.engine.llm_engine import LLMEngine  # noqa: E402
+from kvcrush_ov.core.engine.sequence import FinishReason  # noqa: E402
+from kvcrush_ov.api.pipeline import Tokenizer  # noqa: E402
 
 WORDS = ("river stone light garden paper window morning signal number market music forest silver engine "
          "planet letter winter harbor teacher bridge summer candle mountain question the of and to in is "
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from kvcrush_ov.models import MODELS, prepare
+    from kvcrush_ov.tools.models import MODELS, prepare
     model_dir = prepare(args.model) if args.model in MODELS else Path(args.model)
     tok = Tokenizer(model_dir)
     engine = LLMEngine(model_dir, args.device, SchedulerConfig(

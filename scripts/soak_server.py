@@ -26,9 +26,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvcrush_ov import SchedulerConfig  # noqa: E402
-from kvcrush_ov.continuous_batching import ContinuousBatchingPipeline  # noqa: E402
-from kvcrush_ov.models import MODELS, prepare  # noqa: E402
-from kvcrush_ov.serve.live import LiveServer, read_metrics, wait_idle  # noqa: E402
+from kvcrush_ov.api.continuous_batching import ContinuousBatchingPipeline  # noqa: E402
+from kvcrush_ov.tools.models import MODELS, prepare  # noqa: E402
+from kvcrush_ov.tools.live_server import LiveServer, read_metrics, wait_idle  # noqa: E402
 
 WORDS = "river stone light garden paper window morning signal number market music forest silver".split()
 NAME = "soak"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcrush_ov.models import prepare
+from kvcrush_ov.tools.models import prepare
 
 
 @pytest.fixture(scope="session")

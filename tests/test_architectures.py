@@ -1,5 +1,5 @@
-"""The architecture matrix (kvcrush_ov.matrix): one tiny random-weight model per decoder family
-openvino-genai pages (kvcrush_ov.models.TINY_ARCHS, fp32 IR built once and cached). For each: greedy
+"""The architecture matrix (kvcrush_ov.tools.matrix): one tiny random-weight model per decoder family
+openvino-genai pages (kvcrush_ov.tools.models.TINY_ARCHS, fp32 IR built once and cached). For each: greedy
 full-cache outputs equal openvino-genai's ContinuousBatchingPipeline token for token on the same IR,
 per-head scores equal HF transformers' eager attention probabilities, and every policy runs with
 eviction with the block accounting back to zero. Sliding-window layers keep only what they can see."""
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kvcrush_ov import CacheEvictionConfig, matrix
-from kvcrush_ov.models import TINY_ARCHS, hf_dir, prepare
+from kvcrush_ov.tools.models import TINY_ARCHS, hf_dir, prepare
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")

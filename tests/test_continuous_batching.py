@@ -9,8 +9,8 @@ import pytest
 
 import kvcrush_ov
 from kvcrush_ov import CacheEvictionConfig, GenerationConfig, SchedulerConfig
-from kvcrush_ov.continuous_batching import ContinuousBatchingPipeline, GenerationStatus
-from kvcrush_ov.errors import KVCrushError, PromptError
+from kvcrush_ov.api.continuous_batching import ContinuousBatchingPipeline, GenerationStatus
+from kvcrush_ov.core.errors import KVCrushError, PromptError
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": ov.Type.f32}
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves on a river.",

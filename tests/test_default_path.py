@@ -11,8 +11,8 @@ import pytest
 import kvcrush_ov
 from kvcrush_ov import CacheEvictionConfig, SchedulerConfig
 from kvcrush_ov.cli import build_parser
-from kvcrush_ov.eval.runner import EvalConfig, run_eval, sample_ids
-from kvcrush_ov.eval.suite import Sample
+from kvcrush_ov.tools.eval.runner import EvalConfig, run_eval, sample_ids
+from kvcrush_ov.tools.eval.suite import Sample
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 POOL_BLOCKS = 16  # x 32 = 512 slots
@@ -99,7 +99,7 @@ def test_the_path_depends_on_the_pool_not_the_load(tiny_llama_dir):
 
 
 def test_a_prompt_the_pool_cannot_hold_runs_memory_bounded_only_with_eviction(tiny_llama_dir):
-    from kvcrush_ov.errors import CacheCapacityError
+    from kvcrush_ov.core.errors import CacheCapacityError
     long_ids = sample_ids(pipeline(tiny_llama_dir, None).tokenizer, samples()[-1])
     with pytest.raises(CacheCapacityError, match="budget"):
         run(pipeline(tiny_llama_dir, None), [long_ids], max_new_tokens=4)

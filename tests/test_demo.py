@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 
-from kvcrush_ov.demo import DEPTHS, demo_cases, run_demo
+from kvcrush_ov.tools.demo import DEPTHS, demo_cases, run_demo
 
 
 def test_demo_cases_bury_each_key_at_its_depth():

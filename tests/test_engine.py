@@ -8,8 +8,8 @@ import openvino_genai as ov_genai
 import pytest
 
 import kvcrush_ov
-from kvcrush_ov.config import GenerationConfig, SchedulerConfig
-from kvcrush_ov.engine.llm_engine import LLMEngine
+from kvcrush_ov.core.config import GenerationConfig, SchedulerConfig
+from kvcrush_ov.core.engine.llm_engine import LLMEngine
 
 PROMPTS = [
     "What is the capital of France?",

@@ -8,13 +8,13 @@ import pytest
 
 import kvcrush_ov
 from kvcrush_ov import CacheEvictionConfig, SchedulerConfig
-from kvcrush_ov.config import GenerationConfig
-from kvcrush_ov.engine.attention_scores import window_probabilities
-from kvcrush_ov.engine.llm_engine import LLMEngine
-from kvcrush_ov.engine.sampler import sample
-from kvcrush_ov.eval.teacher import FullCacheReference, log_softmax
-from kvcrush_ov.models import prepare
-from kvcrush_ov.policies import H2O
+from kvcrush_ov.core.config import GenerationConfig
+from kvcrush_ov.core.engine.attention_scores import window_probabilities
+from kvcrush_ov.core.engine.llm_engine import LLMEngine
+from kvcrush_ov.core.engine.sampler import sample
+from kvcrush_ov.tools.eval.teacher import FullCacheReference, log_softmax
+from kvcrush_ov.tools.models import prepare
+from kvcrush_ov.core.policies import H2O
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": ov.Type.f32}
 PROMPT = "Explain how paged attention stores keys and values in fixed-size blocks. " * 8
@@ -130,7 +130,7 @@ def test_h2o_accumulates_across_evictions_and_follows_compaction():
                 got = [ranked[l, h, t] for t in range(T)]
                 want = [reference[(l, h, int(held[l, h // (hq // hkv), t]))] for t in range(T)]
                 np.testing.assert_allclose(got, want, rtol=1e-5)
-        mask = policy.keep_mask(kvcrush_ov.policies.AttentionStats(ranked, hkv), 16)
+        mask = policy.keep_mask(kvcrush_ov.core.policies.AttentionStats(ranked, hkv), 16)
         keep = np.nonzero(mask)[2].reshape(L, hkv, 16)
         state = policy.compact(state, keep)
         held = np.take_along_axis(held, keep, axis=2)
@@ -179,7 +179,7 @@ def test_decode_scores_after_compaction_match_masked_hf_attention(ids):
     with the evicted positions masked out."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from kvcrush_ov.models import hf_dir
+    from kvcrush_ov.tools.models import hf_dir
     model_dir = prepare("tiny-llama", "fp32")
     budget = 40
     e = LLMEngine(model_dir, "CPU", SchedulerConfig(cache_size=0.05, max_num_batched_tokens=len(ids)), F32,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvcrush_ov.errors import ConfigError
-from kvcrush_ov.eval.paired import excludes_zero, paired_bootstrap, paired_differences
-from kvcrush_ov.eval.runner import EvalConfig, report_markdown, summarize
+from kvcrush_ov.core.errors import ConfigError
+from kvcrush_ov.tools.eval.paired import excludes_zero, paired_bootstrap, paired_differences
+from kvcrush_ov.tools.eval.runner import EvalConfig, report_markdown, summarize
 
 
 def row(policy, sid, score, rouge=50.0, kl=0.1, budget=0.25, precision="bf16"):

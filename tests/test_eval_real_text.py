@@ -6,10 +6,10 @@ import hashlib
 
 import pytest
 
-from kvcrush_ov.errors import ConfigError
-from kvcrush_ov.eval.metrics import score
-from kvcrush_ov.eval.real_text import TASKS, real_text
-from kvcrush_ov.eval.suite import load_suite
+from kvcrush_ov.core.errors import ConfigError
+from kvcrush_ov.tools.eval.metrics import score
+from kvcrush_ov.tools.eval.real_text import TASKS, real_text
+from kvcrush_ov.tools.eval.suite import load_suite
 
 
 def count(text: str) -> int:  # a stand-in tokenizer: ~4 characters a token

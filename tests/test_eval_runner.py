@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from kvcrush_ov.eval.runner import EvalConfig, run_eval
-from kvcrush_ov.eval.suite import Sample
+from kvcrush_ov.tools.eval.runner import EvalConfig, run_eval
+from kvcrush_ov.tools.eval.suite import Sample
 
 SUMMARY_KEYS = {"policy", "budget", "n", "score", "faithfulness", "kv_bytes_per_seq", "latency_s"}
 
@@ -57,7 +57,7 @@ def test_fanout_equals_separate_runs(result, tiny_llama_dir):
     """A forked policy run gives the same greedy text as the same policy run on its own."""
     import kvcrush_ov
     from kvcrush_ov import CacheEvictionConfig, SchedulerConfig
-    from kvcrush_ov.eval.runner import sample_ids
+    from kvcrush_ov.tools.eval.runner import sample_ids
     _, res, _ = result
     row = next(r for r in res["samples"] if r["policy"] == "snapkv" and r["budget"] == 160 and r["id"] == "s0")
     pipe = kvcrush_ov.LLMPipeline(tiny_llama_dir, scheduler_config=SchedulerConfig(
@@ -93,7 +93,7 @@ def test_memory_bounded_prefill_variant_runs_alone(tiny_llama_dir, tmp_path):
     at its peak than the shared full prefill, and its text equals a pipeline run with the same config."""
     import kvcrush_ov
     from kvcrush_ov import CacheEvictionConfig, SchedulerConfig
-    from kvcrush_ov.eval.runner import sample_ids
+    from kvcrush_ov.tools.eval.runner import sample_ids
     config = EvalConfig(policies=["full", "snapkv", "snapkv:prefill=chunked"], budgets=[160])
     res = run_eval(tiny_llama_dir, samples()[:1], config, tmp_path, {"suite": "test", "command": "pytest"},
                    progress=False)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvcrush_ov.errors import ConfigError
-from kvcrush_ov.eval import (
+from kvcrush_ov.core.errors import ConfigError
+from kvcrush_ov.tools.eval import (
     AGGREGATION_TASKS,
     FAITHFULNESS_TASKS,
     RETRIEVAL_TASKS,

@@ -10,9 +10,9 @@ import pytest
 
 import kvcrush_ov
 from kvcrush_ov import CacheEvictionConfig, SchedulerConfig
-from kvcrush_ov.config import GenerationConfig
-from kvcrush_ov.engine.llm_engine import LLMEngine
-from kvcrush_ov.models import prepare
+from kvcrush_ov.core.config import GenerationConfig
+from kvcrush_ov.core.engine.llm_engine import LLMEngine
+from kvcrush_ov.tools.models import prepare
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": ov.Type.f32}
 PROMPT = "Explain how paged attention stores keys and values in fixed-size blocks. " * 8
@@ -111,7 +111,7 @@ def test_generation_after_eviction_matches_masked_hf_reference(tok):
     positions (a 4D mask) at its true position. Logits of the first 3 decode steps must agree."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from kvcrush_ov.models import hf_dir
+    from kvcrush_ov.tools.models import hf_dir
     model_dir = prepare("tiny-llama", "fp32")
     ids = tok.prepare(PROMPT, True)
     budget = 40
@@ -260,7 +260,7 @@ def test_eviction_on_quantized_and_half_caches(tiny_llama_dir, tok, precision):
 
 
 def test_native_translation_keeps_total_tokens_and_fits_small_budgets():
-    from kvcrush_ov.native import to_native_eviction
+    from kvcrush_ov.api.native import to_native_eviction
     n = to_native_eviction(CacheEvictionConfig("kvcrush-block", budget=512))
     # 25% of the 416 selectable tokens -> 3 KVCrush blocks on top of max_cache_size, 512 in total
     assert (n.get_max_cache_size(), n.kvcrush_config.budget, n.snapkv_window_size) == (416, 3, 8)

@@ -9,8 +9,8 @@ import pytest
 
 import kvcrush_ov
 from kvcrush_ov import CacheEvictionConfig, matrix
-from kvcrush_ov.config import SchedulerConfig
-from kvcrush_ov.models import hf_dir
+from kvcrush_ov.core.config import SchedulerConfig
+from kvcrush_ov.tools.models import hf_dir
 
 pytestmark = pytest.mark.model
 

@@ -1,5 +1,7 @@
-"""The package's import graph has no cycles (module-level and function-level imports alike), and the
-engine imports nothing of evaluation: rooms depend one way."""
+"""The package's import graph has no cycles (module-level and function-level imports alike), and its
+three parts depend one way: core (engine, policies, transforms, configs) imports neither api (pipelines,
+engine loop, native backend, server) nor tools (eval, benchmarks, preparation, demo); api does not
+import tools; only the package root and cli sit above all three."""
 from __future__ import annotations
 
 import ast
@@ -11,15 +13,11 @@ ROOT = Path(kvcrush_ov.__file__).resolve().parent
 
 
 def _modules() -> dict[str, Path]:
-    import kvcrush_ov.transforms as transforms
     mods = {}
-    for base, prefix in ((ROOT, "kvcrush_ov"), (Path(transforms.__file__).resolve().parent, "kvcrush_ov.transforms")):
-        for path in base.rglob("*.py"):
-            rel = path.relative_to(base).with_suffix("")
-            parts = [p for p in rel.parts if p != "__init__"]
-            if prefix == "kvcrush_ov" and parts[:1] == ["transforms"]:
-                continue  # a worktree's symlink to transforms/: counted under its own prefix
-            mods[".".join([prefix, *parts])] = path
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT).with_suffix("")
+        parts = [p for p in rel.parts if p != "__init__"]
+        mods[".".join(["kvcrush_ov", *parts])] = path
     return mods
 
 
@@ -70,7 +68,30 @@ def test_no_import_cycles():
 def test_engine_knows_no_evaluation():
     mods = _modules()
     for name, path in mods.items():
-        if name.startswith("kvcrush_ov.engine"):
+        if name.startswith("kvcrush_ov.core.engine"):
             deps = _imports(name, path, set(mods))
-            assert not any(d.startswith("kvcrush_ov.eval") for d in deps), (name, deps)
+            assert not any(d.startswith("kvcrush_ov.tools.eval") for d in deps), (name, deps)
             assert "teacher" not in path.read_text().lower(), name
+
+
+PARTS = ("core", "api", "tools")
+ALLOWED = {"core": {"core"}, "api": {"core", "api"}, "tools": {"core", "api", "tools"}}
+
+
+def _part(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in PARTS else None
+
+
+def test_three_parts_depend_one_way():
+    mods = _modules()
+    assert {_part(n) for n in mods} == {None, *PARTS}
+    loose = sorted(n for n in mods if _part(n) is None)
+    assert loose == ["kvcrush_ov", "kvcrush_ov.__main__", "kvcrush_ov.cli"], loose
+    assert "kvcrush_ov.core.transforms" in mods and "kvcrush_ov.core.transforms.paged" in mods
+    for name, path in mods.items():
+        part = _part(name)
+        if part is None:
+            continue
+        for dep in _imports(name, path, set(mods)):
+            assert _part(dep) in ALLOWED[part], f"{name} ({part}) imports {dep} ({_part(dep)})"

@@ -11,9 +11,9 @@ import pytest
 
 import kvcrush_ov
 from kvcrush_ov import CacheEvictionConfig, SchedulerConfig
-from kvcrush_ov.config import GenerationConfig
-from kvcrush_ov.engine.llm_engine import LLMEngine
-from kvcrush_ov.policies import H2O, AttentionStats, KVCrush, KVCrushConfig, SnapKV, make_policy
+from kvcrush_ov.core.config import GenerationConfig
+from kvcrush_ov.core.engine.llm_engine import LLMEngine
+from kvcrush_ov.core.policies import H2O, AttentionStats, KVCrush, KVCrushConfig, SnapKV, make_policy
 from test_policies import reference_kvcrush
 
 pytestmark = pytest.mark.model

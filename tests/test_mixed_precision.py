@@ -23,7 +23,7 @@ NUM_BLOCKS = 6
 
 
 def _compile(float_part: str):
-    from kvcrush_ov.models import prepare
+    from kvcrush_ov.tools.models import prepare
     model_dir = prepare("tiny-llama", "fp32")
     core = ov.Core()
     model = core.read_model(model_dir / "openvino_model.xml")

@@ -1,4 +1,4 @@
-"""kvcrush_ov.models: IR layout and caching, the repaired SmolLM2 tokenizer, and that the IR runs."""
+"""kvcrush_ov.tools.models: IR layout and caching, the repaired SmolLM2 tokenizer, and that the IR runs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvcrush_ov import models
-from kvcrush_ov.errors import ConfigError, ModelError
+from kvcrush_ov.core.errors import ConfigError, ModelError
 
 QUESTION = "What is the capital of France?"
 QUESTION_PIECES = ["What", "Ġis", "Ġthe", "Ġcapital", "Ġof", "ĠFrance", "?"]

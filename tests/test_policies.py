@@ -10,14 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvcrush_ov.errors import ConfigError
-from kvcrush_ov.policies import (KVCRUSH_BASES, POLICIES, H2O, AttentionStats, FullCache, KVCrush,
+from kvcrush_ov.core.errors import ConfigError
+from kvcrush_ov.core.policies import (KVCRUSH_BASES, POLICIES, H2O, AttentionStats, FullCache, KVCrush,
                                  KVCrushBlock, KVCrushConfig, PyramidKV, SnapKV, StreamingLLM,
                                  make_policy)
-from kvcrush_ov.policies.base import pool_tokens, topk_keep_mask
-from kvcrush_ov.policies.kvcrush import (anchor_keys, diffuseness, split_by_layer, bucket_bounds, bucket_representatives,
+from kvcrush_ov.core.policies.base import pool_tokens, topk_keep_mask
+from kvcrush_ov.core.policies.kvcrush import (anchor_keys, diffuseness, split_by_layer, bucket_bounds, bucket_representatives,
                                          hamming, make_anchor, pack_signatures, token_signatures)
-from kvcrush_ov.policies.kvcrush_block import (block_anchor, block_hamming, block_indicators,
+from kvcrush_ov.core.policies.kvcrush_block import (block_anchor, block_hamming, block_indicators,
                                                select_blocks_at_stride)
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -22,12 +22,12 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import kvcrush_ov
 from kvcrush_ov import CacheEvictionConfig, GenerationConfig, SchedulerConfig
-from kvcrush_ov.engine.llm_engine import LLMEngine
-from kvcrush_ov.engine.sequence import FinishReason, Status
-from kvcrush_ov.eviction_config import PREFILL_MODES
-from kvcrush_ov.errors import CacheCapacityError, ConfigError, KVCrushError, ModelError, PromptError
-from kvcrush_ov.models import prepare
-from kvcrush_ov.policies import POLICIES, make_policy
+from kvcrush_ov.core.engine.llm_engine import LLMEngine
+from kvcrush_ov.core.engine.sequence import FinishReason, Status
+from kvcrush_ov.core.eviction_config import PREFILL_MODES
+from kvcrush_ov.core.errors import CacheCapacityError, ConfigError, KVCrushError, ModelError, PromptError
+from kvcrush_ov.tools.models import prepare
+from kvcrush_ov.core.policies import POLICIES, make_policy
 
 F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": ov.Type.f32}
 SMALL = {"sink_tokens": 4, "recent_tokens": 16}

@@ -8,9 +8,9 @@ import pytest
 
 import kvcrush_ov
 from kvcrush_ov import CacheEvictionConfig, SchedulerConfig
-from kvcrush_ov.config import GenerationConfig
-from kvcrush_ov.engine.attention_scores import window_probabilities
-from kvcrush_ov.engine.llm_engine import LLMEngine
+from kvcrush_ov.core.config import GenerationConfig
+from kvcrush_ov.core.engine.attention_scores import window_probabilities
+from kvcrush_ov.core.engine.llm_engine import LLMEngine
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -20,7 +20,7 @@ W = 8
 
 
 def _hf(name: str):
-    from kvcrush_ov.models import hf_dir
+    from kvcrush_ov.tools.models import hf_dir
     return transformers.AutoModelForCausalLM.from_pretrained(hf_dir(name), dtype=torch.float32,
                                                              attn_implementation="eager").eval()
 
@@ -61,7 +61,7 @@ def check_against_hf(model_dir, hf_name: str, prompts: list[str]) -> float:
 # fp32 IRs: with fp16 weights this CPU's OpenVINO computes q/k with ~2e-3 relative error even under an
 # f32 precision hint (the export's numerics, not the scoring's), which would hide what is checked here.
 def test_per_head_scores_match_hf_tiny_llama():
-    from kvcrush_ov.models import prepare
+    from kvcrush_ov.tools.models import prepare
     worst = check_against_hf(prepare("tiny-llama", "fp32"), "tiny-llama",
                              ["What is the capital of France?", "Explain paged attention in detail. " * 12])
     assert worst <= 1e-4, worst
@@ -69,7 +69,7 @@ def test_per_head_scores_match_hf_tiny_llama():
 
 @pytest.mark.model
 def test_per_head_scores_match_hf_smollm2():
-    from kvcrush_ov.models import prepare
+    from kvcrush_ov.tools.models import prepare
     worst = check_against_hf(prepare("smollm2-135m", "fp32"), "smollm2-135m",
                              ["What is the capital of France?", "Describe the water cycle step by step. " * 20])
     assert worst <= 1e-4, worst

@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from kvcrush_ov import SchedulerConfig
-from kvcrush_ov.continuous_batching import ContinuousBatchingPipeline
-from kvcrush_ov.serve.live import LiveServer, read_metrics, wait_idle
+from kvcrush_ov.api.continuous_batching import ContinuousBatchingPipeline
+from kvcrush_ov.tools.live_server import LiveServer, read_metrics, wait_idle
 
 NUM_BLOCKS = 64  # x 32 tokens: 2048 KV slots, half the model's 4096-token context (so some requests never fit)
 MODEL = "tiny-llama"
@@ -245,7 +245,7 @@ def test_kvcrush_ov_serve_command(tiny_llama_dir):
     import sys
     import time
 
-    from kvcrush_ov.serve.live import free_port
+    from kvcrush_ov.tools.live_server import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "kvcrush_ov", "serve", "--model", str(tiny_llama_dir), "--port",

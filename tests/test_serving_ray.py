@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from kvcrush_ov import SchedulerConfig
-from kvcrush_ov.serve.live import free_port
+from kvcrush_ov.tools.live_server import free_port
 
 pytestmark = pytest.mark.slow  # starts Ray (~20-40 s on 2 cores)
 
@@ -20,7 +20,7 @@ def test_two_replicas_answer_through_one_endpoint(tiny_llama_dir):
     import ray
     from ray import serve
 
-    from kvcrush_ov.serve.ray_deploy import build_app
+    from kvcrush_ov.api.serve.ray_deploy import build_app
 
     port = free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes

@@ -12,7 +12,7 @@ import openvino_genai as ov_genai
 import pytest
 
 import kvcrush_ov
-from kvcrush_ov.config import GenerationConfig, SchedulerConfig
+from kvcrush_ov.core.config import GenerationConfig, SchedulerConfig
 
 pytestmark = pytest.mark.model
 
@@ -93,8 +93,8 @@ _F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": ov.Type.f32}
 def test_first_step_logits_match_hf_transformers(smollm2_dir):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from kvcrush_ov.models import hf_dir
-    from kvcrush_ov.engine.llm_engine import LLMEngine
+    from kvcrush_ov.tools.models import hf_dir
+    from kvcrush_ov.core.engine.llm_engine import LLMEngine
 
     # The IR holds fp16-rounded weights (--weight-format fp16); the reference uses the same weights
     # and both compute in f32, so what is measured is computation, not the export's rounding.

@@ -13,9 +13,9 @@ import openvino.opset13 as ops
 import pytest
 
 from kvcrush_ov import cli
-from kvcrush_ov.engine.model_runner import ModelRunner
-from kvcrush_ov.errors import ModelError
-from kvcrush_ov.models import hf_dir
+from kvcrush_ov.core.engine.model_runner import ModelRunner
+from kvcrush_ov.core.errors import ModelError
+from kvcrush_ov.tools.models import hf_dir
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

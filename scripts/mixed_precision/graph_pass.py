@@ -47,7 +47,7 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
-from kvcrush_ov.transforms.per_head_scores import _constant_scalar, paged_attention_nodes
+from kvcrush_ov.core.transforms.per_head_scores import _constant_scalar, paged_attention_nodes
 
 Q_IN, K_IN, V_IN, KEY_CACHE_IN, VALUE_CACHE_IN, PAST_LENS_IN, BLOCK_INDICES_IN, SCALE_IN = 0, 1, 2, 3, 4, 5, 7, 9
 MASKED = -1e30  # finite: an all-masked representative part gives weight exp(MASKED - m) = 0, never NaN

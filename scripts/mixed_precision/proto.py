@@ -25,7 +25,7 @@ import openvino as ov
 import openvino.opset13 as ops
 
 from kvcrush_ov import transforms
-from kvcrush_ov.models import prepare
+from kvcrush_ov.tools.models import prepare
 from graph_pass import (add_representative_attention, bytes_per_token, dequantize_rows,
                                                    quantize_rows, single_sequence_inputs)
 

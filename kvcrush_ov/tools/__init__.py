@@ -1,0 +1,3 @@
+"""Measurement and preparation, built on api/ and core/: model preparation (`prepare`), the eval
+harness, benchmarks (speed, capacity, policies), the architecture matrix and the demo.
+"""
