@@ -178,7 +178,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .tools.demo import run_demo
-    run_demo(_model_dir(args.model), args.device, _scheduler_config(args), budget_fraction=args.budget_fraction)
+    run_demo(_model_dir(args.model), args.device, _scheduler_config(args), budget_fraction=args.budget_fraction,
+             readme=Path(args.readme) if args.readme else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="prepare the default model; answer a long prompt with the full cache and KVCrush")
     _add_engine_args(p)
     p.add_argument("--budget-fraction", type=float, default=0.25, help="KVCrush budget as a fraction of the prompt")
+    p.add_argument("--readme", default="", help="also write the table between this markdown file's demo markers")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -199,9 +199,10 @@ class LLMPipeline:
         )
 
     def generate_ids(self, token_ids: Iterable[list[int]], config: GenerationConfig,
-                     streamer: Streamer | None = None, progress: bool = False) -> list[Sequence]:
+                     streamer: Streamer | None = None, progress: bool = False,
+                     eviction: Any = "default") -> list[Sequence]:
         """Token ids in, finished sequences out (all requests batched, with any other caller's)."""
-        return self._run(list(token_ids), config, streamer, progress)[0]
+        return self._run(list(token_ids), config, streamer, progress, eviction)[0]
 
     def _run(self, token_ids: list[list[int]], config: GenerationConfig, streamer: Streamer | None,
              progress: bool, eviction: Any = "default") -> tuple[list[Sequence], list[str]]:
