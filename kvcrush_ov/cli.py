@@ -100,8 +100,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
     if pipe.engine is not None:
         n = result.prompt_lengths[0]
-        print(f"[{n} prompt tokens, {len(result.token_ids[0])} new tokens, peak KV "
-              f"{result.kv_bytes[0] / 2**20:.2f} MiB, policy {args.policy}]", file=sys.stderr)
+        print(f"[{n} prompt tokens, {len(result.token_ids[0])} new tokens, policy {args.policy}, eviction path "
+              f"{result.eviction_modes[0]}, KV {result.kv_bytes[0] / 2**20:.2f} MiB while decoding, peak "
+              f"{result.peak_kv_bytes[0] / 2**20:.2f} MiB]", file=sys.stderr)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

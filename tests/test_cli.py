@@ -58,10 +58,20 @@ def test_model_without_sdpa(tmp_path, tiny_llama_dir):
     assert_one_line_error(cli("generate", "--model", str(tmp_path), "--prompt", "hi"), "ScaledDotProductAttention")
 
 
+def test_generate_takes_the_memory_bounded_path_only_for_a_prompt_the_pool_cannot_hold(tiny_llama_dir):
+    """8 blocks = 256 slots: a ~600-token prompt runs memory-bounded with eviction (the default --prefill
+    auto), and is a one-line error without it."""
+    args = ("generate", "--model", "tiny-llama", "--prompt", "Say hi. " * 150, "--num-kv-blocks", "8",
+            "--max-new-tokens", "4")
+    proc = cli(*args, "--policy", "snapkv", "--budget", "96")
+    assert proc.returncode == 0 and "eviction path memory_bounded" in proc.stderr, proc.stderr
+    assert_one_line_error(cli(*args), "KV blocks")
+
+
 def test_generate_and_bench_run(tmp_path, tiny_llama_dir):
     proc = cli("generate", "--model", "tiny-llama", "--prompt", "Say hi. " * 40, "--policy", "kvcrush",
                "--budget", "128", "--max-new-tokens", "8")
-    assert proc.returncode == 0 and "policy kvcrush" in proc.stderr
+    assert proc.returncode == 0 and "policy kvcrush, eviction path after_prompt" in proc.stderr
     out = tmp_path / "b.json"
     proc = cli("bench", "--model", "tiny-llama", "--backend", "compare", "--prompt-tokens", "64",
                "--concurrency", "2", "--new-tokens", "4", "--out", str(out))
