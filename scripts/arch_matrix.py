@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from kvcrush_ov import matrix, transforms
+from kvcrush_ov.core import transforms
+from kvcrush_ov.tools import matrix
 from kvcrush_ov.tools.models import TINY_ARCHS, hf_dir, prepare
 
 BEGIN, END = "<!-- arch-matrix:begin -->", "<!-- arch-matrix:end -->"

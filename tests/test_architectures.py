@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvcrush_ov import CacheEvictionConfig, matrix
+from kvcrush_ov import CacheEvictionConfig
+from kvcrush_ov.tools import matrix
 from kvcrush_ov.tools.models import TINY_ARCHS, hf_dir, prepare
 
 pytest.importorskip("torch")
@@ -57,7 +58,7 @@ def test_every_policy_evicts_and_frees_every_block(arch):
 def prepare_windows(model_dir) -> list[int]:
     import openvino as ov
 
-    from kvcrush_ov import transforms
+    from kvcrush_ov.core import transforms
 
     model = ov.Core().read_model(model_dir / "openvino_model.xml")
     transforms.make_paged_model(model)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import kvcrush_ov
-from kvcrush_ov import CacheEvictionConfig, matrix
+from kvcrush_ov import CacheEvictionConfig
+from kvcrush_ov.tools import matrix
 from kvcrush_ov.core.config import SchedulerConfig
 from kvcrush_ov.tools.models import hf_dir
 

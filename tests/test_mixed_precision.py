@@ -12,7 +12,7 @@ import pytest
 import sys
 from pathlib import Path
 
-from kvcrush_ov import transforms
+from kvcrush_ov.core import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "mixed_precision"))
 from graph_pass import (add_representative_attention, bytes_per_token, dequantize_rows,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcrush_ov import models
+from kvcrush_ov.tools import models
 from kvcrush_ov.core.errors import ConfigError, ModelError
 
 QUESTION = "What is the capital of France?"

@@ -24,7 +24,7 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
-from kvcrush_ov import transforms
+from kvcrush_ov.core import transforms
 from kvcrush_ov.tools.models import prepare
 from graph_pass import (add_representative_attention, bytes_per_token, dequantize_rows,
                                                    quantize_rows, single_sequence_inputs)
