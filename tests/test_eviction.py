@@ -261,12 +261,14 @@ def test_eviction_on_quantized_and_half_caches(tiny_llama_dir, tok, precision):
 
 def test_native_translation_keeps_total_tokens_and_fits_small_budgets():
     from kvcrush_ov.api.native import to_native_eviction
+    from kvcrush_ov.core.policies.defaults import SNAPKV_WINDOW
     n = to_native_eviction(CacheEvictionConfig("kvcrush-block", budget=512))
     # 25% of the 416 selectable tokens -> 3 KVCrush blocks on top of max_cache_size, 512 in total
-    assert (n.get_max_cache_size(), n.kvcrush_config.budget, n.snapkv_window_size) == (416, 3, 8)
+    assert (n.get_max_cache_size(), n.kvcrush_config.budget, n.snapkv_window_size) == (416, 3, SNAPKV_WINDOW)
     n = to_native_eviction(CacheEvictionConfig("kvcrush-block", budget=132))
     assert n.get_start_size() + n.get_recent_size() < n.get_max_cache_size() <= 132
     n = to_native_eviction(CacheEvictionConfig("snapkv", budget=512))
-    assert (n.get_start_size(), n.get_recent_size(), n.get_max_cache_size(), n.snapkv_window_size) == (32, 64, 512, 8)
+    assert (n.get_start_size(), n.get_recent_size(), n.get_max_cache_size(), n.snapkv_window_size) == (32, 64, 512,
+                                                                                                     SNAPKV_WINDOW)
     with pytest.raises(kvcrush_ov.ConfigError, match="natively"):
         to_native_eviction(CacheEvictionConfig("pyramidkv", budget=512))

@@ -6,6 +6,10 @@ docs/ and the notes)."""
 
 SINK_TOKENS = 32            # first tokens always kept (attention sinks)
 RECENT_TOKENS = 64          # newest tokens always kept
-SNAPKV_WINDOW = 8           # observation window: newest queries whose attention scores the cache
+# Observation window: the newest queries whose attention scores the cache. It must reach the question
+# itself: a chat prompt ends with an instruction ("Answer with the number only.") and the template's
+# tail, which a shorter window sees alone; a much longer one spends the budget on the prompt's end
+# (measured on tuning seeds: docs/eval/window.md).
+SNAPKV_WINDOW = 12
 POOL_KERNEL = 11            # SnapKV max-pool width: a kept token brings its neighbours (multi-token answers)
 ACCUMULATION_WINDOW = 32    # queries scored per eviction by policies without a window of their own (H2O)

@@ -23,6 +23,7 @@ from typing import ClassVar
 import numpy as np
 
 from kvcrush_ov.core.errors import ConfigError
+from kvcrush_ov.core.policies.defaults import SNAPKV_WINDOW
 from kvcrush_ov.core.policies.kvcrush import ANCHORS, make_anchor
 from kvcrush_ov.core.policies.base import (DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, AttentionStats,
                                       Policy, is_int, pool_tokens, require_choice, require_fraction,
@@ -82,14 +83,14 @@ class KVCrushBlock(Policy):
     recent) from the first non-sink slot. Of the selectable budget M = budget - sinks - recent,
     K = budget_blocks (or floor(representative_fraction * M / block_size): the split rule of
     token-level KVCrush and of our translation to openvino-genai) blocks go to KVCrush and
-    floor((M - K*block_size) / block_size) blocks to the base's top block scores. window = 8 by
-    default, as the native rows' SnapKV window; window = 0 -> accumulated scores (H2O-like)."""
+    floor((M - K*block_size) / block_size) blocks to the base's top block scores. window: SnapKV's
+    default, as the native rows'; window = 0 -> accumulated scores (H2O-like)."""
 
     name: ClassVar[str] = "kvcrush-block"
     sink_tokens: int = DEFAULT_SINK_TOKENS
     recent_tokens: int = DEFAULT_RECENT_TOKENS
     block_size: int = 32
-    window: int = 8
+    window: int | None = None  # None: SnapKV's default, within the recent window
     kernel: int = 7
     representative_fraction: float = 0.25
     budget_blocks: int | None = None
@@ -99,6 +100,8 @@ class KVCrushBlock(Policy):
     def __post_init__(self) -> None:
         self._check_protected()
         require_int(self.name, "block_size", self.block_size, lo=1)
+        if self.window is None and is_int(self.recent_tokens):
+            object.__setattr__(self, "window", min(SNAPKV_WINDOW, self.recent_tokens))
         if not (is_int(self.window) and 0 <= self.window <= self.recent_tokens):
             raise ConfigError(f"{self.name}.window must be an int in [0, recent_tokens={self.recent_tokens}] "
                               f"(0 = accumulated scores), got {self.window!r}")

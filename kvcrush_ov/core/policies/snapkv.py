@@ -29,13 +29,15 @@ class SnapKV(Policy):
     score_source: ClassVar[str] = "window"
     sink_tokens: int = DEFAULT_SINK_TOKENS
     recent_tokens: int = DEFAULT_RECENT_TOKENS
-    window: int = SNAPKV_WINDOW
+    window: int | None = None  # None: SNAPKV_WINDOW, within the recent window
     pool: str = "max"
     kernel: int = POOL_KERNEL
     head_reduce: str = "mean"
 
     def __post_init__(self) -> None:
         self._check_protected()
+        if self.window is None and is_int(self.recent_tokens):
+            object.__setattr__(self, "window", max(1, min(SNAPKV_WINDOW, self.recent_tokens)))
         if not (is_int(self.window) and 1 <= self.window <= self.recent_tokens):
             raise ConfigError(f"{self.name}.window must be an int in [1, recent_tokens="
                               f"{self.recent_tokens}], got {self.window!r}; the observation window lies "
