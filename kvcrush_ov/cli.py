@@ -1,4 +1,4 @@
-"""`kvcrush-ov` command line: prepare, generate, bench, demo.
+"""`kvcrush-ov` command line: prepare, generate, bench, serve, eval, demo.
 
 Errors of ours print one line (`error: ...`) and exit 2; no traceback.
 """

@@ -228,7 +228,7 @@ class Evictor:
         # Many small matmuls: multi-threaded OpenBLAS contends with OpenVINO's threads (measured 70 ms
         # vs 2.5 ms single-threaded for one layer's scores at 4k tokens).
         with _BLAS.limit(limits=1, user_api="blas"):
-            evicted = self._evict(seq, plan, st, lens, uneven)
+            evicted = self._evict(seq, plan, st, lens)
         dt = time.perf_counter() - t0
         seq.metrics.evictions += 1
         seq.metrics.tokens_evicted += evicted
@@ -269,8 +269,7 @@ class Evictor:
         return window_scores(queries[layer, -window:], keys, self.runner.softmax_scales[layer],
                              self.runner.sliding_windows[layer], causal)
 
-    def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray,
-               uneven: bool) -> int:
+    def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray) -> int:
         """Compact the sequence to the policy's keep-sets; return the tokens evicted per layer (mean)."""
         L, hkv = self.runner.num_layers, self.runner.num_kv_heads
         policy = plan.policy
@@ -288,7 +287,7 @@ class Evictor:
         budgets = policy.layer_budgets(L, plan.budget, int(lens.max()))
         for layer in np.flatnonzero(windows > 0):
             masks[layer] = _newest(hkv, int(lens[layer]), int(min(budgets[layer], windows[layer], lens[layer])))
-        uneven = bool(glob.size) and bool(np.ptp(lens[glob]))  # recomputed: sliding layers do not count
+        uneven = bool(glob.size) and bool(np.ptp(lens[glob]))  # global layers only: sliding layers do not count
         if glob.size and not uneven:  # all global layers alike: one policy call over them
             scores = self._scores(seq, window, queries, int(lens[glob[0]]), glob, causal)
             st.policy_state, ranked = policy.update(st.policy_state, scores)

@@ -27,7 +27,7 @@ class CacheLayout:
     block_size: int
 
     @property
-    def bytes_per_block(self) -> int:
+    def bytes_per_layer_block(self) -> int:
         """Key + value bytes of one block of one layer, scales and zero-points included."""
         return int(np.prod(self.key_shape) + np.prod(self.value_shape)) * self.bits // 8
 
@@ -90,9 +90,9 @@ class KVCache:
         self.values = [view(t) for t in self._tensors[1::2]]
 
     @property
-    def bytes_per_block(self) -> int:
-        """All layers."""
-        return self.layout.bytes_per_block * self.num_layers
+    def bytes_per_block_all_layers(self) -> int:
+        """Key + value bytes of one block index across all layers (one block in every layer)."""
+        return self.layout.bytes_per_layer_block * self.num_layers
 
     def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         for layer, src, dst in copies:

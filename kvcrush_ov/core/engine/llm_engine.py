@@ -256,14 +256,14 @@ class LLMEngine:
         used = self.blocks.num_blocks - self.blocks.num_free_blocks
         st = self.evictor.stats
         return EngineMetrics(running=running, waiting=len(seqs) - running, kv_blocks_total=self.blocks.num_blocks,
-                             kv_blocks_used=used, kv_bytes_used=self.blocks.num_used_blocks * self.runner.layout.bytes_per_block,
+                             kv_blocks_used=used, kv_bytes_used=self.blocks.num_used_blocks * self.runner.layout.bytes_per_layer_block,
                              evictions=st.evictions, tokens_evicted=st.tokens_evicted, eviction_seconds=st.seconds,
                              preemptions=self.num_preemptions)
 
     @property
     def kv_bytes_per_token(self) -> int:
         """KV bytes one token slot costs, all layers, scales included."""
-        return self.runner.bytes_per_block // self.runner.block_size
+        return self.runner.bytes_per_block_all_layers // self.runner.block_size
 
     @property
     def kv_precision(self) -> str:

@@ -139,7 +139,7 @@ class ModelRunner:
         self.num_kv_heads = self.layout.num_kv_heads
         self.head_size = self.info.kv_width // self.num_kv_heads
         self.num_q_heads = self.info.q_width // self.head_size
-        self.bytes_per_block = self.kv.bytes_per_block
+        self.bytes_per_block_all_layers = self.kv.bytes_per_block_all_layers
         self.max_position = int(self.hf_config.get("max_position_embeddings", 0)) or None
         vocab = self.compiled.output("logits").get_partial_shape()[-1]
         self.vocab_size = vocab.get_length() if vocab.is_static else None

@@ -50,7 +50,7 @@ class EvalConfig:
     kv_precision: str | None = None     # None: the device's default
     budget_bytes: bool = False          # budgets are KV bytes per sequence (equal-bytes comparison)
     properties: dict | None = None      # OpenVINO compile properties (e.g. INFERENCE_PRECISION_HINT)
-    reference: str | None = None        # summary rows get paired differences to this policy (eval/paired.py)
+    reference: str | None = None        # summary rows get paired differences to this policy (paired.py)
     num_kv_blocks: int = 0              # KV pool in blocks (overrides cache_size): prompts beyond it run memory-bounded
 
     def __post_init__(self) -> None:
