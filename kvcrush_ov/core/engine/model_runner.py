@@ -13,12 +13,13 @@ import numpy as np
 import openvino as ov
 
 from .. import transforms
+from ..config import KV_PRECISIONS
 from ..errors import CacheCapacityError, ConfigError, ModelError
 from .block_manager import BlockManager
 from .kv_cache import KVCache
 from .scheduler import ScheduledChunk
 
-_PRECISIONS = {"f32": ov.Type.f32, "f16": ov.Type.f16, "bf16": ov.Type.bf16, "u8": ov.Type.u8, "u4": ov.Type.u4}
+_PRECISIONS = {name: getattr(ov.Type, name) for name in KV_PRECISIONS}
 
 
 def read_model_dir(model_dir: str | Path) -> tuple[Path, dict]:

@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ...core.config import GenerationConfig, SchedulerConfig
+from ...core.engine.stopping import final_text
 from ...core.errors import ConfigError
 from ...core.eviction_config import PREFILL_MODES, CacheEvictionConfig
 
@@ -215,10 +216,7 @@ class Runner:
         return rows
 
     def _text(self, seq) -> str:
-        out = seq.output_ids
-        if out and out[-1] in seq.eos_token_ids:
-            out = out[:-1]
-        return self.tokenizer.decode(out)
+        return final_text(seq, self.tokenizer.decode)  # the text LLMPipeline would give
 
     def _row(self, sample: Sample, ids, policy, budget, tokens, text, full_text, kv_slots, latency, nll_kl) -> dict:
         return {"id": sample.id, "task": sample.task, "length": sample.length, "prompt_tokens": len(ids),
