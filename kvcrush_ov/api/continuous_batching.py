@@ -94,8 +94,8 @@ class ContinuousBatchingPipeline:
                     eviction: RequestEviction = DEFAULT_EVICTION, stream_text: bool = True) -> GenerationHandle:
         """Queue one request; returns its handle once the engine accepted it (bad input raises here).
 
-        eviction: DEFAULT_EVICTION ("default": the scheduler config's), None (full cache), a CacheEvictionConfig or a dict
-        of its fields. stream_text: outputs carry detokenized text pieces (costs a decode per token).
+        eviction: DEFAULT_EVICTION ("default": the scheduler config's), None (full cache), a CacheEvictionConfig
+        or a dict of its fields. stream_text: outputs carry detokenized text pieces (costs a decode per token).
         """
         config = self.config(generation_config)
         return self.loop.add([(request_id, self.prompt_ids(prompt, config), config, eviction)], text=stream_text)[0]

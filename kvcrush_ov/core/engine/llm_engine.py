@@ -67,7 +67,8 @@ class LLMEngine:
         requested = self.config.cache_eviction_config  # ours, or openvino_genai's (translated below)
         evicting = enable_eviction or requested is not None
         if per_layer_lengths is None:  # (openvino_genai's translate to policies with equal layer lengths)
-            per_layer_lengths = isinstance(requested, CacheEvictionConfig) and requested.resolved_policy.per_layer_budgets
+            per_layer_lengths = (isinstance(requested, CacheEvictionConfig)
+                                 and requested.resolved_policy.per_layer_budgets)
         if evicting:  # compaction moves token rows: u8 keys must be quantized per token, not per block
             properties = {"KEY_CACHE_QUANT_MODE": "BY_TOKEN", **(properties or {})}
         options = dict(model_dir=model_dir, device=device, properties=properties, evicting=evicting,
