@@ -19,6 +19,8 @@ from tqdm import tqdm
 from ..core.config import GenerationConfig, SchedulerConfig
 from ..core.engine.llm_engine import LLMEngine
 from ..core.engine.model_runner import read_model_dir
+from ..core.engine.sequence import FinishReason, Sequence
+from ..core.engine.stopping import final_text
 from ..core.errors import ConfigError, KVCrushError, ModelError, PromptError
 from ..core.eviction_config import DEFAULT_EVICTION, RequestEviction, is_default
 from .engine_loop import EngineLoop
@@ -173,18 +175,25 @@ class LLMPipeline:
                 res = self.native.generate(prompts, to_native_generation(config))
             return DecodedResults(texts=list(res.texts), scores=list(res.scores),
                                   prompt_lengths=[len(t) for t in token_ids])
-        return self.results(self._run(token_ids, config, streamer, progress, eviction))
+        handles = self._run(token_ids, config, streamer, progress, eviction)
+        # what the caller gets: the handle's view (what the streamer saw, if it ended a request early)
+        return self._results([h.sequence for h in handles], [h.final_text for h in handles],
+                             [h.output_ids for h in handles], [h.finish_reason for h in handles])
 
-    def results(self, handles: list[GenerationHandle]) -> DecodedResults:
-        """Finished requests -> DecodedResults (texts, scores and what each request cost)."""
+    def results(self, seqs: list[Sequence]) -> DecodedResults:
+        """Finished sequences (e.g. from generate_ids) -> DecodedResults (texts, scores and what each cost)."""
+        return self._results(seqs, [final_text(s, self.tokenizer.decode) for s in seqs],
+                             [s.output_ids for s in seqs], [s.finish_reason for s in seqs])
+
+    def _results(self, seqs: list[Sequence], texts: list[str], token_ids: list[list[int]],
+                 finish_reasons: list[FinishReason]) -> DecodedResults:
         bpt = self.kv_bytes_per_token
-        seqs = [h.sequence for h in handles]
         end = [s.token_times[-1] if s.token_times else s.arrival for s in seqs]
         return DecodedResults(
-            texts=[h.final_text for h in handles],
+            texts=texts,
             scores=[s.cumulative_logprob for s in seqs],
-            token_ids=[h.output_ids for h in handles],
-            finish_reasons=[h.finish_reason.value for h in handles],
+            token_ids=token_ids,
+            finish_reasons=[r.value for r in finish_reasons],
             prompt_lengths=[s.num_prompt_tokens for s in seqs],
             kv_bytes=[int(round(s.metrics.peak_decode_kv_slots * bpt)) for s in seqs],
             peak_kv_bytes=[s.metrics.peak_kv_slots * bpt for s in seqs],
@@ -197,9 +206,11 @@ class LLMPipeline:
         )
 
     def generate_ids(self, token_ids: Iterable[list[int]], config: GenerationConfig,
-                     streamer: Streamer | None = None, progress: bool = False) -> list[GenerationHandle]:
-        """Token ids in, finished requests out (all requests batched, with any other caller's)."""
-        return self._run(list(token_ids), config, streamer, progress)
+                     streamer: Streamer | None = None, progress: bool = False) -> list[Sequence]:
+        """Token ids in, the engine's finished sequences out (all requests batched, with any other
+        caller's). A streamer that ends a request early leaves the sequence whole; generate() gives
+        what the streamer saw."""
+        return [h.sequence for h in self._run(list(token_ids), config, streamer, progress)]
 
     def _run(self, token_ids: list[list[int]], config: GenerationConfig, streamer: Streamer | None,
              progress: bool, eviction: RequestEviction = DEFAULT_EVICTION) -> list[GenerationHandle]:
