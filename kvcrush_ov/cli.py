@@ -1,4 +1,4 @@
-"""`kvcrush-ov` command line: prepare, generate, bench, demo.
+"""`kvcrush-ov` command line: prepare, generate, bench, serve, eval, demo.
 
 Errors of ours print one line (`error: ...`) and exit 2; no traceback.
 """
@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .core.config import KV_PRECISIONS
 from .core.errors import KVCrushError
 from .core.options import parse_options, parse_qualified_options
 
@@ -58,7 +59,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=0, help="KV pool size in blocks (overrides --cache-size)")
     p.add_argument("--max-num-batched-tokens", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--kv-precision", choices=["f32", "f16", "bf16", "u8", "u4"], default=None,
+    p.add_argument("--kv-precision", choices=KV_PRECISIONS, default=None,
                    help="KV cache precision (default: the device's)")
 
 

@@ -64,7 +64,7 @@ def main() -> None:
             ids = sample_ids(pipe.tokenizer, s)
             budget = budget_tokens(args.budget, len(ids), make_policy(policy).protected_tokens)
             config = pipe.get_generation_config().updated(max_new_tokens=s.max_new_tokens)
-            out = pipe.results(pipe.generate_ids([ids], config, eviction=CacheEvictionConfig(policy, budget=budget)), config)
+            out = pipe.results(pipe.generate_ids([ids], config, eviction=CacheEvictionConfig(policy, budget=budget)))
             text, row = out.texts[0], rows[(policy, s.id)]
             got.append((score(text, s.answers, s.metric), row["score"]))
             same += text == row["prediction"]

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     mix = policies([int(b) for b in args.budgets.split(",") if b])
     requests = make_requests(tok, args, mix)
     bs = engine.blocks.block_size
-    pool_mib = engine.runner.bytes_per_block * engine.blocks.num_blocks / 2**20
+    pool_mib = engine.runner.bytes_per_block_all_layers * engine.blocks.num_blocks / 2**20
     lens = [len(r[0]) for r in requests]
     print(f"model {model_dir.name}, KV {engine.runner.layout.precision}, pool {engine.blocks.num_blocks} blocks x {bs} "
           f"tokens ({pool_mib:.1f} MiB), max_num_batched_tokens {args.max_num_batched_tokens}")

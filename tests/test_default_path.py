@@ -29,7 +29,7 @@ def pipeline(model_dir, policy: str | None, blocks: int = POOL_BLOCKS) -> kvcrus
 def run(pipe: kvcrush_ov.LLMPipeline, ids: list[list[int]], **config) -> kvcrush_ov.DecodedResults:
     """LLMPipeline.generate on token ids (the eval's prompts, built as a user of openvino_genai would)."""
     config = pipe.get_generation_config().updated(**config)
-    return pipe.results(pipe.generate_ids(ids, config), config)
+    return pipe.results(pipe.generate_ids(ids, config))
 
 
 def samples() -> list[Sample]:

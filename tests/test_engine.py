@@ -234,7 +234,7 @@ def test_kv_bytes_are_exact_per_precision(tiny_llama_dir, precision, key_bytes_p
     layout = e.runner.layout
     assert layout.precision == precision and layout.block_size == 32
     per_block_layer = (key_bytes_per_token + value_bytes_per_token) * 32 * 2  # x 2 KV heads
-    assert layout.bytes_per_block == per_block_layer
-    assert e.runner.bytes_per_block == per_block_layer * 2  # x 2 layers
+    assert layout.bytes_per_layer_block == per_block_layer
+    assert e.runner.bytes_per_block_all_layers == per_block_layer * 2  # x 2 layers
     allocated = sum(t.get_byte_size() for t in e.runner.kv._tensors)
-    assert allocated == 8 * e.runner.bytes_per_block
+    assert allocated == 8 * e.runner.bytes_per_block_all_layers

@@ -16,9 +16,11 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..core.config import GenerationConfig
-from .engine_loop import (EngineLoop, GenerationFinishReason, GenerationHandle, GenerationOutput,  # noqa: F401
-                          GenerationStatus, LoopMetrics)
 from ..core.errors import ConfigError, PromptError
+from ..core.eviction_config import DEFAULT_EVICTION, RequestEviction
+from .engine_loop import EngineLoop, LoopMetrics
+from .generation_handle import (GenerationFinishReason, GenerationHandle, GenerationOutput,  # noqa: F401 (re-exported)
+                                GenerationStatus)
 from .pipeline import LLMPipeline, Tokenizer
 
 
@@ -40,12 +42,19 @@ class GenerationResult:
 
 
 class ContinuousBatchingPipeline:
-    def __init__(self, models_path: str | Path, scheduler_config: Any = None, device: str = "CPU",
+    def __init__(self, models_path: str | Path | LLMPipeline, scheduler_config: Any = None, device: str = "CPU",
                  properties: dict | None = None, enable_eviction: bool = True) -> None:
-        """enable_eviction: build the engine so that any request may evict (costs one small query output
-        per layer each step); False serves only the scheduler config's own eviction."""
-        self._pipe = LLMPipeline(models_path, device, scheduler_config, enable_eviction=enable_eviction,
-                                 **(properties or {}))
+        """models_path: a model directory, or an LLMPipeline whose engine and loop to share (the other
+        arguments are then its own). enable_eviction: build the engine so that any request may evict
+        (costs one small query output per layer each step); False serves only the scheduler config's
+        own eviction."""
+        if isinstance(models_path, LLMPipeline):
+            self._pipe = models_path
+        else:
+            self._pipe = LLMPipeline(models_path, device, scheduler_config, enable_eviction=enable_eviction,
+                                     **(properties or {}))
+        if self._pipe.loop is None:
+            raise ConfigError("ContinuousBatchingPipeline needs backend='ours'")
         self.tokenizer: Tokenizer = self._pipe.tokenizer
         self.loop: EngineLoop = self._pipe.loop
         self.engine = self._pipe.engine
@@ -53,11 +62,7 @@ class ContinuousBatchingPipeline:
     @classmethod
     def from_pipeline(cls, pipe: LLMPipeline) -> "ContinuousBatchingPipeline":
         """Share an LLMPipeline's engine and loop (both doors then feed one batch)."""
-        if pipe.loop is None:
-            raise ConfigError("ContinuousBatchingPipeline needs backend='ours'")
-        self = cls.__new__(cls)
-        self._pipe, self.tokenizer, self.loop, self.engine = pipe, pipe.tokenizer, pipe.loop, pipe.engine
-        return self
+        return cls(pipe)
 
     # -- openvino_genai API -------------------------------------------------------------------------
     def get_tokenizer(self) -> Tokenizer:
@@ -83,14 +88,14 @@ class ContinuousBatchingPipeline:
 
     def config(self, generation_config: Any = None, **kwargs: Any) -> GenerationConfig:
         """A request's config: the model's defaults, then generation_config, then kwargs."""
-        return self._pipe._resolve_config(generation_config, kwargs)
+        return self._pipe.request_config(generation_config, kwargs)
 
     def add_request(self, request_id: Any, prompt: str | list[int] | Any, generation_config: Any = None,
-                    eviction: Any = "default", stream_text: bool = True) -> GenerationHandle:
+                    eviction: RequestEviction = DEFAULT_EVICTION, stream_text: bool = True) -> GenerationHandle:
         """Queue one request; returns its handle once the engine accepted it (bad input raises here).
 
-        eviction: "default" (the scheduler config's), None (full cache), a CacheEvictionConfig or a dict
-        of its fields. stream_text: outputs carry detokenized text pieces (costs a decode per token).
+        eviction: DEFAULT_EVICTION ("default": the scheduler config's), None (full cache), a CacheEvictionConfig
+        or a dict of its fields. stream_text: outputs carry detokenized text pieces (costs a decode per token).
         """
         config = self.config(generation_config)
         return self.loop.add([(request_id, self.prompt_ids(prompt, config), config, eviction)], text=stream_text)[0]
@@ -103,7 +108,8 @@ class ContinuousBatchingPipeline:
         return self.loop.has_unfinished
 
     def generate(self, prompts: Iterable[str | list[int]] | str, generation_config: Any = None,
-                 streamer: Any = None, eviction: Any = "default") -> list[GenerationResult]:
+                 streamer: Any = None, eviction: RequestEviction | list[RequestEviction] = DEFAULT_EVICTION,
+                 ) -> list[GenerationResult]:
         """Run a batch to the end. generation_config: one for all or one per prompt; eviction likewise."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -120,7 +126,7 @@ class ContinuousBatchingPipeline:
         handles = self.loop.add(requests, text=streamer is not None)
         try:
             if streamer is not None:
-                LLMPipeline._feed(handles[0], streamer)
+                handles[0].feed(streamer)
             for h in handles:
                 h.wait()
         except BaseException:
@@ -131,10 +137,9 @@ class ContinuousBatchingPipeline:
 
     @staticmethod
     def _result(h: GenerationHandle, text: bool) -> GenerationResult:
-        seq = h.sequence
-        return GenerationResult(h.request_id, [h.final_text] if text else [list(seq.output_ids)], [0.0],
-                                h.get_status(), seq.finish_reason.value, seq.num_prompt_tokens, h.error,
-                                list(seq.output_ids))
+        return GenerationResult(h.request_id, [h.final_text] if text else [list(h.output_ids)], [0.0],
+                                h.get_status(), h.finish_reason.value, h.sequence.num_prompt_tokens, h.error,
+                                list(h.output_ids))
 
     def get_metrics(self) -> LoopMetrics:
         """Running/waiting requests, KV blocks used/free, evictions, token counts and rates."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import openvino_genai as ov_genai
 from tqdm import tqdm
@@ -20,11 +20,12 @@ from ..core.config import GenerationConfig, SchedulerConfig
 from ..core.engine.llm_engine import LLMEngine
 from ..core.engine.model_runner import read_model_dir
 from ..core.engine.sequence import FinishReason, Sequence
-from .engine_loop import EngineLoop, GenerationHandle, final_text, visible_ids
+from ..core.engine.stopping import final_text
 from ..core.errors import ConfigError, KVCrushError, ModelError, PromptError
+from ..core.eviction_config import DEFAULT_EVICTION, RequestEviction, is_default
+from .engine_loop import EngineLoop
+from .generation_handle import GenerationHandle, Streamer
 from .native import native_pipeline, to_native_generation
-
-Streamer = Callable[[str], Any]
 
 
 def _reason(e: Exception) -> str:
@@ -151,15 +152,15 @@ class LLMPipeline:
         self.generation_config = GenerationConfig.from_any(config)
 
     def generate(self, inputs: str | list[str], generation_config: Any = None, streamer: Streamer | None = None,
-                 progress: bool = False, eviction: Any = "default", **kwargs: Any) -> DecodedResults:
+                 progress: bool = False, eviction: RequestEviction = DEFAULT_EVICTION, **kwargs: Any) -> DecodedResults:
         """Generate for one prompt or a batch. Extra kwargs override generation_config fields.
 
-        eviction: "default" (the scheduler config's), None (full cache) or a CacheEvictionConfig for
+        eviction: DEFAULT_EVICTION ("default": the scheduler config's), None (full cache) or a CacheEvictionConfig for
         these requests (without a default config, build the pipeline with enable_eviction=True).
 
         Thread-safe: calls from several threads join one running batch (the engine loop's).
         """
-        config = self._resolve_config(generation_config, kwargs)
+        config = self.request_config(generation_config, kwargs)
         prompts = [inputs] if isinstance(inputs, str) else list(inputs) if isinstance(inputs, (list, tuple)) else None
         if not prompts:
             raise PromptError("inputs must be a non-empty str or a non-empty list of str")
@@ -167,26 +168,32 @@ class LLMPipeline:
             raise ConfigError("a streamer can only be used with a single prompt (as in openvino_genai)")
         token_ids = [self.tokenizer.prepare(p, config.apply_chat_template) for p in prompts]
         if self.native is not None:
-            if not (isinstance(eviction, str) and eviction == "default"):
+            if not is_default(eviction):
                 raise ConfigError("per-request eviction needs backend='ours'; the native backend takes its "
                                   "eviction from the scheduler config")
             with self._native_lock:
                 res = self.native.generate(prompts, to_native_generation(config))
             return DecodedResults(texts=list(res.texts), scores=list(res.scores),
                                   prompt_lengths=[len(t) for t in token_ids])
-        seqs, _ = self._run(token_ids, config, streamer, progress, eviction)
-        return self.results(seqs, config)
+        handles = self._run(token_ids, config, streamer, progress, eviction)
+        # what the caller gets: the handle's view (what the streamer saw, if it ended a request early)
+        return self._results([h.sequence for h in handles], [h.final_text for h in handles],
+                             [h.output_ids for h in handles], [h.finish_reason for h in handles])
 
-    def results(self, seqs: list[Sequence], config: GenerationConfig) -> DecodedResults:
-        """Finished sequences -> DecodedResults (texts, scores and what each request cost)."""
+    def results(self, seqs: list[Sequence]) -> DecodedResults:
+        """Finished sequences (e.g. from generate_ids) -> DecodedResults (texts, scores and what each cost)."""
+        return self._results(seqs, [final_text(s, self.tokenizer.decode) for s in seqs],
+                             [s.output_ids for s in seqs], [s.finish_reason for s in seqs])
+
+    def _results(self, seqs: list[Sequence], texts: list[str], token_ids: list[list[int]],
+                 finish_reasons: list[FinishReason]) -> DecodedResults:
         bpt = self.kv_bytes_per_token
         end = [s.token_times[-1] if s.token_times else s.arrival for s in seqs]
         return DecodedResults(
-            texts=[s.text if s.finish_reason is FinishReason.STOP and config.stop_strings and s.text
-                   else self.tokenizer.decode(visible_ids(s)) for s in seqs],
+            texts=texts,
             scores=[s.cumulative_logprob for s in seqs],
-            token_ids=[s.output_ids for s in seqs],
-            finish_reasons=[s.finish_reason.value for s in seqs],
+            token_ids=token_ids,
+            finish_reasons=[r.value for r in finish_reasons],
             prompt_lengths=[s.num_prompt_tokens for s in seqs],
             kv_bytes=[int(round(s.metrics.peak_decode_kv_slots * bpt)) for s in seqs],
             peak_kv_bytes=[s.metrics.peak_kv_slots * bpt for s in seqs],
@@ -200,17 +207,19 @@ class LLMPipeline:
 
     def generate_ids(self, token_ids: Iterable[list[int]], config: GenerationConfig,
                      streamer: Streamer | None = None, progress: bool = False,
-                     eviction: Any = "default") -> list[Sequence]:
-        """Token ids in, finished sequences out (all requests batched, with any other caller's)."""
-        return self._run(list(token_ids), config, streamer, progress, eviction)[0]
+                     eviction: RequestEviction = DEFAULT_EVICTION) -> list[Sequence]:
+        """Token ids in, the engine's finished sequences out (all requests batched, with any other
+        caller's; eviction: these requests' own, as in generate()). A streamer that ends a request
+        early leaves the sequence whole; generate() gives what the streamer saw."""
+        return [h.sequence for h in self._run(list(token_ids), config, streamer, progress, eviction)]
 
     def _run(self, token_ids: list[list[int]], config: GenerationConfig, streamer: Streamer | None,
-             progress: bool, eviction: Any = "default") -> tuple[list[Sequence], list[str]]:
+             progress: bool, eviction: RequestEviction = DEFAULT_EVICTION) -> list[GenerationHandle]:
         handles = self.loop.add([(i, ids, config, eviction) for i, ids in enumerate(token_ids)],
                                 text=streamer is not None)
         try:
             if streamer is not None:
-                self._feed(handles[0], streamer)
+                handles[0].feed(streamer)
             bar = tqdm(total=len(handles), desc="generate", disable=not progress, unit="req")
             for h in handles:
                 h.wait()
@@ -223,40 +232,14 @@ class LLMPipeline:
         failed = [h for h in handles if h.error]
         if failed and len(handles) == 1:
             raise KVCrushError(failed[0].error)
-        seqs = [h.sequence for h in handles]
-        for h in handles:
-            if getattr(h, "kept_tokens", None) is not None:  # the streamer stopped it: keep what it saw
-                del h.sequence.token_ids[h.sequence.num_prompt_tokens + h.kept_tokens:]
-                h.sequence.text = ""
-                h.final_text = final_text(h.sequence, self.tokenizer.decode)
-        return seqs, [h.final_text for h in handles]
+        return handles
 
-    @staticmethod
-    def _feed(handle: GenerationHandle, streamer: Streamer) -> None:
-        """Call the user's streamer (in the caller's thread) with each text piece; honour STOP/CANCEL."""
-        seen = 0
-        for out in handle.stream():
-            seen += len(out.generated_ids)
-            if not out.text:
-                continue
-            try:
-                status = streamer(out.text)
-            except Exception as e:  # a broken streamer only ends its own request
-                handle.cancel()
-                raise KVCrushError(f"streamer raised {type(e).__name__}: {e}") from None
-            name = getattr(status, "name", "")
-            if status is True or name in ("STOP", "CANCEL"):
-                handle.stop() if name != "CANCEL" else handle.cancel()
-                handle.wait()
-                handle.kept_tokens = seen
-                handle.sequence.finish_reason = FinishReason.ABORT if name == "CANCEL" else FinishReason.STOP
-                return
-
-    def _resolve_config(self, generation_config: Any, kwargs: dict) -> GenerationConfig:
+    def request_config(self, generation_config: Any = None, overrides: dict | None = None) -> GenerationConfig:
+        """A request's config: the model's defaults, then generation_config, then overrides (fields)."""
         base = self.generation_config if generation_config is None else GenerationConfig.from_any(generation_config)
         if generation_config is not None and base.eos_token_id < 0:
             base = base.updated(eos_token_id=self.generation_config.eos_token_id)
-        return base.updated(**kwargs) if kwargs else base
+        return base.updated(**overrides) if overrides else base
 
     @property
     def kv_bytes_per_token(self) -> int:

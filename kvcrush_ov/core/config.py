@@ -11,6 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .eviction_config import CacheEvictionConfig
+
+# The KV cache precisions (OpenVINO's KV_CACHE_PRECISION values this engine reads and writes): floats,
+# and integers stored as rows of [f32 scale, f32 zero-point, values].
+FLOAT_KV_PRECISIONS = ("f32", "f16", "bf16")
+QUANTIZED_KV_PRECISIONS = ("u8", "u4")
+KV_PRECISIONS = FLOAT_KV_PRECISIONS + QUANTIZED_KV_PRECISIONS
 
 _UNSET = 2**64 - 1  # openvino_genai's SIZE_MAX: "not set"
 _COLLECTIONS = (set, frozenset, list, tuple)
@@ -127,10 +134,14 @@ class SchedulerConfig:
     num_kv_blocks: int = 0
     max_num_batched_tokens: int = 256
     max_num_seqs: int = 256
-    cache_eviction_config: Any = None  # a CacheEvictionConfig (eviction issue); None = full cache
-    kv_cache_precision: str | None = None  # "f32" | "f16" | "bf16" | "u8" | "u4" | None (device default)
+    # ours (a dict of its fields becomes one here), openvino_genai's (an engine translates it with its
+    # device's block size), or None = full cache
+    cache_eviction_config: CacheEvictionConfig | Any = None
+    kv_cache_precision: str | None = None  # one of KV_PRECISIONS, or None (device default)
 
     def __post_init__(self) -> None:
+        if isinstance(self.cache_eviction_config, dict):
+            self.cache_eviction_config = CacheEvictionConfig.from_any(self.cache_eviction_config)
         self.validate()
 
     def validate(self) -> None:
@@ -144,8 +155,8 @@ class SchedulerConfig:
                f"max_num_batched_tokens must be an integer >= 1, got {self.max_num_batched_tokens!r}")
         _check(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1,
                f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
-        _check(self.kv_cache_precision in (None, "f32", "f16", "bf16", "u8", "u4"),
-               f"kv_cache_precision must be one of f32, f16, bf16, u8, u4 or None, got {self.kv_cache_precision!r}")
+        _check(self.kv_cache_precision is None or self.kv_cache_precision in KV_PRECISIONS,
+               f"kv_cache_precision must be one of {', '.join(KV_PRECISIONS)} or None, got {self.kv_cache_precision!r}")
 
     @classmethod
     def from_any(cls, config: Any) -> "SchedulerConfig":

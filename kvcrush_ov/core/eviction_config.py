@@ -5,8 +5,10 @@ representatives, so equal budget means equal KV memory across policies.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field, fields
-from typing import Any
+from functools import cached_property
+from typing import Any, Union
 
 from .errors import ConfigError
 from .policies import POLICIES, Policy, make_policy
@@ -16,7 +18,22 @@ PREFILL_MODES = ("auto", "after", "chunked")
 PREFILL_SCORES = ("window", "probe")
 
 
-@dataclass
+class DefaultEviction(str, enum.Enum):
+    """A request's eviction when it names none: the scheduler config's. A str enum, so the spelling
+    "default" (as callers of openvino_genai-shaped APIs write it) is this same value."""
+
+    DEFAULT = "default"
+
+
+DEFAULT_EVICTION = DefaultEviction.DEFAULT
+
+
+def is_default(eviction: "RequestEviction") -> bool:
+    """Whether a request's eviction setting asks for the scheduler config's."""
+    return isinstance(eviction, str) and eviction == DEFAULT_EVICTION
+
+
+@dataclass(frozen=True)
 class CacheEvictionConfig:
     """policy: a registry name (full, streaming, h2o, snapkv, pyramidkv, kvcrush, kvcrush-block) or a
     Policy instance; options: keyword options for the named policy (e.g. sink_tokens, recent_tokens,
@@ -70,9 +87,11 @@ class CacheEvictionConfig:
                               f"got {self.evict_during_decode!r}")
         if isinstance(self.policy, str) and self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; choose one of: {', '.join(POLICIES)}")
-        self.make_policy().check_budget(self.budget)  # budget >= sinks + recent, options valid
+        self.resolved_policy.check_budget(self.budget)  # budget >= sinks + recent, options valid
 
-    def make_policy(self) -> Policy:
+    @cached_property
+    def resolved_policy(self) -> Policy:
+        """The policy object: built once from the name and options (the config is frozen)."""
         if isinstance(self.policy, Policy):
             if self.options:
                 raise ConfigError("CacheEvictionConfig.options apply to a policy given by name, not an instance")
@@ -82,12 +101,11 @@ class CacheEvictionConfig:
     @property
     def window(self) -> int:
         """How many of the newest queries are scored per head at each eviction."""
-        policy = self.make_policy()
         if self.score_window:
             return self.score_window
-        if policy.score_source == "none":
+        if self.resolved_policy.score_source == "none":
             return 0
-        return policy.window or DEFAULT_ACCUMULATION_WINDOW
+        return self.resolved_policy.window or DEFAULT_ACCUMULATION_WINDOW
 
     @classmethod
     def from_any(cls, config: Any, block_size: int = 32) -> "CacheEvictionConfig | None":
@@ -123,3 +141,8 @@ class CacheEvictionConfig:
         if window > 0:
             return cls("snapkv", max_size, {**common, "window": min(window, recent)})
         return cls("h2o", max_size, common)
+
+
+# What a request may name as its eviction: the scheduler config's (DEFAULT_EVICTION), None (the full
+# cache), or its own: ours or a dict of its fields (openvino_genai's CacheEvictionConfig is taken too).
+RequestEviction = Union[DefaultEviction, CacheEvictionConfig, dict, None]

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...core.config import GenerationConfig
 from ...core.errors import ConfigError, PromptError
-from ...core.eviction_config import CacheEvictionConfig
+from ...core.eviction_config import DEFAULT_EVICTION, CacheEvictionConfig, RequestEviction
 
 
 class KVCacheEviction(BaseModel):
@@ -76,11 +76,11 @@ class _Sampling(BaseModel):
             fields["stop_strings"] = set(stops)
         return base.updated(**fields)
 
-    def eviction(self) -> Any:
-        """"default" (the server's), None (full cache) or this request's CacheEvictionConfig."""
+    def eviction(self) -> RequestEviction:
+        """DEFAULT_EVICTION (the server's), None (full cache) or this request's CacheEvictionConfig."""
         e = self.kv_cache_eviction
         if e is None:
-            return "default"
+            return DEFAULT_EVICTION
         if e.policy == "full":
             return None
         if e.budget is None:

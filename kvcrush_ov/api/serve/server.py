@@ -25,8 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from ..continuous_batching import ContinuousBatchingPipeline, GenerationHandle, GenerationStatus
-from ..engine_loop import GenerationFinishReason
+from ..continuous_batching import ContinuousBatchingPipeline
+from ..generation_handle import GenerationFinishReason, GenerationHandle, GenerationStatus
 from ...core.errors import KVCrushError
 from .metrics import metrics_registry, render_metrics
 from .protocol import ChatRequest, CompletionRequest, _Sampling, chat_prompt, completion_prompt
@@ -161,9 +161,6 @@ def create_app(pipe: ContinuousBatchingPipeline, model_name: str, replica: str |
                 handle.cancel(wait=False)
             await done
 
-    def finish_reason(handle: GenerationHandle, reason: GenerationFinishReason) -> str:
-        return "length" if reason is GenerationFinishReason.LENGTH else "stop"
-
     def usage(handle: GenerationHandle) -> dict:
         seq = handle.sequence
         n = len(seq.output_ids)
@@ -190,7 +187,7 @@ def create_app(pipe: ContinuousBatchingPipeline, model_name: str, replica: str |
         await wait_or_cancel(handle, request)
         check_failed(handle)
         [out] = handle.read_all()
-        reason = finish_reason(handle, out.finish_reason)
+        reason = openai_finish_reason(out.finish_reason)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": reason}
         else:
@@ -211,6 +208,11 @@ def create_app(pipe: ContinuousBatchingPipeline, model_name: str, replica: str |
         return await respond(body, request, True, lambda b: chat_prompt(b, pipe.tokenizer))
 
     return app
+
+
+def openai_finish_reason(reason: GenerationFinishReason) -> str:
+    """OpenAI's finish_reason: "length" when max_tokens ended the request, else "stop"."""
+    return "length" if reason is GenerationFinishReason.LENGTH else "stop"
 
 
 async def _drain(handle: GenerationHandle) -> None:
@@ -234,7 +236,7 @@ async def _sse(handle: GenerationHandle, rid: str, created: int, model: str, cha
         async for out in handle.astream():
             reason = None
             if handle.finished and out.finish_reason is not GenerationFinishReason.NONE:
-                reason = "length" if out.finish_reason is GenerationFinishReason.LENGTH else "stop"
+                reason = openai_finish_reason(out.finish_reason)
             if handle.get_status() is GenerationStatus.FAILED:
                 message = handle.error or "the request failed"
                 log.error("request %s failed: %s", rid, message)

@@ -37,9 +37,6 @@ class BlockManager:
         """(layer, block) pairs in use, summed over layers: times a per-layer block size gives bytes."""
         return int((self._ref > 0).sum())
 
-    def table(self, seq_id: int, layer: int) -> list[int]:
-        return self.tables[seq_id][layer]
-
     def layer_lens(self, seq_id: int) -> np.ndarray:
         """int [L]: KV slots each layer of the sequence holds (zeros for a sequence holding no blocks)."""
         lens = self._lens.get(seq_id)

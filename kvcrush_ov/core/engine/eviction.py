@@ -61,11 +61,6 @@ class EvictionPlan:
         """This plan with its prefill mode decided (a probe only serves memory-bounded prefill)."""
         return replace(self, during_prefill=during_prefill, probe=self.probe and during_prefill)
 
-    @classmethod
-    def from_config(cls, config: CacheEvictionConfig) -> "EvictionPlan":
-        return cls(config.make_policy(), config.budget, config.window, config.evict_during_decode,
-                   config.prefill == "chunked", prefill=config.prefill)
-
 
 @dataclass
 class EvictionState:
@@ -106,10 +101,10 @@ class Evictor:
 
     def plan(self, config: CacheEvictionConfig) -> EvictionPlan:
         """Validate a config against this engine (pool, context, cache precision) and resolve it."""
-        plan = EvictionPlan.from_config(config)
+        policy, budget, window = config.resolved_policy, config.budget, config.window
         bs, pool = self.runner.block_size, self.blocks.num_blocks * self.runner.block_size
-        if plan.budget + bs > pool:
-            raise ConfigError(f"eviction budget {plan.budget} (+ one block of growth) does not fit the KV pool of "
+        if budget + bs > pool:
+            raise ConfigError(f"eviction budget {budget} (+ one block of growth) does not fit the KV pool of "
                               f"{self.blocks.num_blocks} blocks ({pool} tokens); lower the budget or raise cache_size")
         # Memory-bounded prefill adds this many prompt tokens between compactions (the budget unless set;
         # fewer, larger compactions cost less and decide on more context): budget + chunk + one block
@@ -117,13 +112,14 @@ class Evictor:
         if config.prefill != "after" and 0 < config.prefill_chunk < bs:
             raise ConfigError(f"CacheEvictionConfig.prefill_chunk={config.prefill_chunk} is below one KV block "
                               f"({bs} tokens); use at least {bs} (or 0 for the budget)")
-        chunk = max(0, min(config.prefill_chunk or plan.budget, pool - plan.budget - bs))
-        bounded = plan.policy.name != "full" and config.prefill != "after" and chunk >= bs
+        chunk = max(0, min(config.prefill_chunk or budget, pool - budget - bs))
+        bounded = policy.name != "full" and config.prefill != "after" and chunk >= bs
         # "full" keeps every token: a prompt cannot be bounded while it fills
-        plan = replace(plan, during_prefill=plan.during_prefill and plan.policy.name != "full",
-                       prefill_chunk=chunk if bounded else 0,
-                       prefill_window=(config.prefill_window or plan.window) if plan.window else 0,
-                       probe=bounded and config.prefill_scores == "probe" and plan.window > 0)
+        plan = EvictionPlan(policy, budget, window, config.evict_during_decode,
+                            during_prefill=config.prefill == "chunked" and policy.name != "full",
+                            prefill_chunk=chunk if bounded else 0,
+                            prefill_window=(config.prefill_window or window) if window else 0,
+                            probe=bounded and config.prefill_scores == "probe" and window > 0, prefill=config.prefill)
         if plan.during_prefill and not plan.prefill_chunk:
             raise self.no_chunk_error(plan)
         if self.runner.max_position and plan.budget > self.runner.max_position:
@@ -228,7 +224,7 @@ class Evictor:
         # Many small matmuls: multi-threaded OpenBLAS contends with OpenVINO's threads (measured 70 ms
         # vs 2.5 ms single-threaded for one layer's scores at 4k tokens).
         with _BLAS.limit(limits=1, user_api="blas"):
-            evicted = self._evict(seq, plan, st, lens, uneven)
+            evicted = self._evict(seq, plan, st, lens)
         dt = time.perf_counter() - t0
         seq.metrics.evictions += 1
         seq.metrics.tokens_evicted += evicted
@@ -269,8 +265,7 @@ class Evictor:
         return window_scores(queries[layer, -window:], keys, self.runner.softmax_scales[layer],
                              self.runner.sliding_windows[layer], causal)
 
-    def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray,
-               uneven: bool) -> int:
+    def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray) -> int:
         """Compact the sequence to the policy's keep-sets; return the tokens evicted per layer (mean)."""
         L, hkv = self.runner.num_layers, self.runner.num_kv_heads
         policy = plan.policy
@@ -288,7 +283,7 @@ class Evictor:
         budgets = policy.layer_budgets(L, plan.budget, int(lens.max()))
         for layer in np.flatnonzero(windows > 0):
             masks[layer] = _newest(hkv, int(lens[layer]), int(min(budgets[layer], windows[layer], lens[layer])))
-        uneven = bool(glob.size) and bool(np.ptp(lens[glob]))  # recomputed: sliding layers do not count
+        uneven = bool(glob.size) and bool(np.ptp(lens[glob]))  # global layers only: sliding layers do not count
         if glob.size and not uneven:  # all global layers alike: one policy call over them
             scores = self._scores(seq, window, queries, int(lens[glob[0]]), glob, causal)
             st.policy_state, ranked = policy.update(st.policy_state, scores)

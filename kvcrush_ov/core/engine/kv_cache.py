@@ -8,11 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import openvino as ov
 
+from ..config import FLOAT_KV_PRECISIONS, KV_PRECISIONS, QUANTIZED_KV_PRECISIONS
 from ..errors import ConfigError
 
-PRECISION_NAMES = {ov.Type.f32: "f32", ov.Type.f16: "f16", ov.Type.bf16: "bf16", ov.Type.u8: "u8",
-                   ov.Type.i8: "i8", ov.Type.u4: "u4"}
-FLOAT_PRECISIONS = ("f32", "f16", "bf16")
+PRECISION_NAMES = {getattr(ov.Type, name): name for name in (*KV_PRECISIONS, "i8")}  # compiled type -> name
 QUANT_HEADER_BYTES = 8  # u8 rows/blocks carry an f32 scale and an f32 zero-point
 
 
@@ -20,14 +19,14 @@ QUANT_HEADER_BYTES = 8  # u8 rows/blocks carry an f32 scale and an f32 zero-poin
 class CacheLayout:
     """How one layer's KV block is stored, as compiled (dims exclude the block axis)."""
 
-    precision: str                # "f32", "f16", "bf16", "u8", "u4"
+    precision: str                # one of KV_PRECISIONS
     key_shape: tuple[int, ...]    # (Hkv, 32, hd) for floats; (Hkv, 32+8, hd) for u8 by-channel keys
     value_shape: tuple[int, ...]  # (Hkv, 32, hd) for floats; (Hkv, 32, hd+8) for u8
     bits: int                     # bits per stored element
     block_size: int
 
     @property
-    def bytes_per_block(self) -> int:
+    def bytes_per_layer_block(self) -> int:
         """Key + value bytes of one block of one layer, scales and zero-points included."""
         return int(np.prod(self.key_shape) + np.prod(self.value_shape)) * self.bits // 8
 
@@ -38,19 +37,20 @@ class CacheLayout:
     @property
     def keys_by_channel(self) -> bool:
         """u8/u4 keys quantized per block and channel: scale/zp rows on top of the block's token rows."""
-        return self.precision in ("u8", "u4") and self.key_shape[1] != self.block_size
+        return self.precision in QUANTIZED_KV_PRECISIONS and self.key_shape[1] != self.block_size
 
     @property
     def token_rows(self) -> bool:
         """Every token is one self-contained row of keys and of values (float, or u8 by token), so
         moving a token is a row copy."""
-        return self.precision in FLOAT_PRECISIONS or (self.precision in ("u8", "u4") and not self.keys_by_channel)
+        return self.precision in FLOAT_KV_PRECISIONS or (self.precision in QUANTIZED_KV_PRECISIONS
+                                                        and not self.keys_by_channel)
 
 
 def _to_f32(x: np.ndarray, precision: str) -> np.ndarray:
     if precision == "bf16":  # OpenVINO hands bf16 storage out as a 2-byte dtype: reinterpret the bits
         return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    if precision in ("u8", "u4"):  # rows of [f32 scale, f32 zero-point, hd values]: (q - zp) * scale
+    if precision in QUANTIZED_KV_PRECISIONS:  # rows of [f32 scale, f32 zero-point, hd values]: (q - zp) * scale
         head = np.ascontiguousarray(x[..., :QUANT_HEADER_BYTES]).view(np.float32)
         q = x[..., QUANT_HEADER_BYTES:]
         if precision == "u4":  # two values a byte, high nibble first (measured against an f32 cache)
@@ -90,9 +90,9 @@ class KVCache:
         self.values = [view(t) for t in self._tensors[1::2]]
 
     @property
-    def bytes_per_block(self) -> int:
-        """All layers."""
-        return self.layout.bytes_per_block * self.num_layers
+    def bytes_per_block_all_layers(self) -> int:
+        """Key + value bytes of one block index across all layers (one block in every layer)."""
+        return self.layout.bytes_per_layer_block * self.num_layers
 
     def copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         for layer, src, dst in copies:
@@ -105,13 +105,13 @@ class KVCache:
 
     def read_keys(self, layer: int, table: list[int], num_slots: int) -> np.ndarray:
         """Keys of slots 0..num_slots-1 of one sequence, f32 [Hkv, num_slots, hd]."""
-        if self.layout.precision not in FLOAT_PRECISIONS + ("u8", "u4") or (
+        if self.layout.precision not in KV_PRECISIONS or (
                 self.layout.precision == "u4" and self.layout.keys_by_channel):
             raise ConfigError(f"per-head scoring reads f32/f16/bf16/u8 caches and u4 by token, not "
                               f"{self.layout.precision}; set SchedulerConfig(kv_cache_precision='u8' or 'f16')")
         blocks = np.asarray(table[: -(-num_slots // self.layout.block_size)], dtype=np.int64)
         k = self.keys[layer][blocks]                       # [nb, Hkv, bs(+8), hd(+8)]
-        if self.layout.precision in FLOAT_PRECISIONS:  # convert while transposing: one pass, no temporaries
+        if self.layout.precision in FLOAT_KV_PRECISIONS:  # convert while transposing: one pass, no temporaries
             nb, hkv, bs, hd = k.shape
             out = np.empty((hkv, nb, bs, hd), np.float32)
             if self.layout.precision == "bf16":

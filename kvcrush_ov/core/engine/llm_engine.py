@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import GenerationConfig, SchedulerConfig
 from ..errors import CacheCapacityError, ConfigError, KVCrushError, PromptError
-from ..eviction_config import CacheEvictionConfig
+from ..eviction_config import DEFAULT_EVICTION, CacheEvictionConfig, RequestEviction, is_default
 from .eviction import EvictionPlan, Evictor
 from .model_runner import ModelRunner
 from .sampler import greedy_batch, sample
@@ -64,10 +64,11 @@ class LLMEngine:
         per_layer_lengths: let layers hold different lengths (PyramidKV); default: only when the default
         policy needs it."""
         self.config = SchedulerConfig.from_any(scheduler_config)
-        eviction = CacheEvictionConfig.from_any(self.config.cache_eviction_config)
-        evicting = enable_eviction or eviction is not None
-        if per_layer_lengths is None:
-            per_layer_lengths = eviction is not None and eviction.make_policy().per_layer_budgets
+        requested = self.config.cache_eviction_config  # ours, or openvino_genai's (translated below)
+        evicting = enable_eviction or requested is not None
+        if per_layer_lengths is None:  # (openvino_genai's translate to policies with equal layer lengths)
+            per_layer_lengths = (isinstance(requested, CacheEvictionConfig)
+                                 and requested.resolved_policy.per_layer_budgets)
         if evicting:  # compaction moves token rows: u8 keys must be quantized per token, not per block
             properties = {"KEY_CACHE_QUANT_MODE": "BY_TOKEN", **(properties or {})}
         options = dict(model_dir=model_dir, device=device, properties=properties, evicting=evicting,
@@ -78,10 +79,10 @@ class LLMEngine:
             self.runner = self._make_runner(precision="f16", **options)
         self.blocks = self.runner.make_block_manager()
         self.evictor = Evictor(self.runner, self.blocks)
-        # openvino_genai's configs count in blocks: translate again with this device's block size
-        eviction = CacheEvictionConfig.from_any(self.config.cache_eviction_config, self.runner.block_size)
+        # openvino_genai's configs count in blocks: translated with this device's block size
+        eviction = CacheEvictionConfig.from_any(requested, self.runner.block_size)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_batched_tokens, self.config.max_num_seqs)
-        self.default_eviction = self._plan(eviction)
+        self.default_eviction = None if eviction is None else self.evictor.plan(eviction)
         self.decode = decode
         self.eos_token_ids = eos_token_ids
         self._ids = itertools.count()
@@ -97,10 +98,10 @@ class LLMEngine:
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int] | np.ndarray, config: GenerationConfig,
-                    streamer: Callable[[str], Any] | None = None, eviction: Any = "default", *,
+                    streamer: Callable[[str], Any] | None = None, eviction: RequestEviction = DEFAULT_EVICTION, *,
                     query_window: int = 0, token_source: TokenSource | None = None,
                     logits_observer: LogitsObserver | None = None) -> Sequence:
-        """eviction: "default" (the scheduler config's), None (full cache) or a CacheEvictionConfig.
+        """eviction: DEFAULT_EVICTION ("default": the scheduler config's), None (full cache) or a CacheEvictionConfig.
 
         query_window: keep this many newest queries even if this request never evicts, because forks
         of it will (fan-out of one prefill to several policies). token_source / logits_observer: see
@@ -163,7 +164,8 @@ class LLMEngine:
             raise ConfigError("query_window needs an engine built for eviction (enable_eviction=True)")
         return max(plan.query_window if plan is not None else 0, asked)
 
-    def plan_for(self, num_prompt: int, config: GenerationConfig, eviction: Any = "default") -> EvictionPlan | None:
+    def plan_for(self, num_prompt: int, config: GenerationConfig,
+                 eviction: RequestEviction = DEFAULT_EVICTION) -> EvictionPlan | None:
         """The plan a request of this length would run with (its eviction_mode decided), without adding it."""
         return self._for_prompt(self._plan(eviction), num_prompt, config)
 
@@ -192,13 +194,13 @@ class LLMEngine:
                 f"one request needs {need} KV blocks ({num_prompt} prompt + {config.max_new_tokens} new tokens) but "
                 f"the pool has {self.blocks.num_blocks}; {hint}")
 
-    def _plan(self, eviction: Any) -> EvictionPlan | None:
-        if isinstance(eviction, str) and eviction == "default":
+    def _plan(self, eviction: RequestEviction) -> EvictionPlan | None:
+        if is_default(eviction):
             return self.default_eviction
         config = CacheEvictionConfig.from_any(eviction, self.runner.block_size)
         return None if config is None else self.evictor.plan(config)
 
-    def fork(self, parent: Sequence, config: GenerationConfig | None = None, eviction: Any = None, *,
+    def fork(self, parent: Sequence, config: GenerationConfig | None = None, eviction: RequestEviction = None, *,
              token_source: TokenSource | None = None, logits_observer: LogitsObserver | None = None) -> Sequence:
         """A new request continuing `parent` from where it stands, sharing its KV blocks copy-on-write.
 
@@ -239,11 +241,11 @@ class LLMEngine:
         self.scheduler.add(child)
         return child
 
-    def abort(self, seq_id: int) -> None:
-        """Stop a request now and free its blocks at once."""
+    def abort(self, seq_id: int, error: str | None = None) -> None:
+        """Stop a request now and free its blocks at once (error: why, when a failure ends it)."""
         seq = self.sequences.get(seq_id)
         if seq is not None and not seq.is_finished:
-            seq.finish(FinishReason.ABORT)
+            seq.finish(FinishReason.ABORT, error)
             self._drop_finished()
 
     @property
@@ -256,18 +258,18 @@ class LLMEngine:
         used = self.blocks.num_blocks - self.blocks.num_free_blocks
         st = self.evictor.stats
         return EngineMetrics(running=running, waiting=len(seqs) - running, kv_blocks_total=self.blocks.num_blocks,
-                             kv_blocks_used=used, kv_bytes_used=self.blocks.num_used_blocks * self.runner.layout.bytes_per_block,
+                             kv_blocks_used=used, kv_bytes_used=self.blocks.num_used_blocks * self.runner.layout.bytes_per_layer_block,
                              evictions=st.evictions, tokens_evicted=st.tokens_evicted, eviction_seconds=st.seconds,
                              preemptions=self.num_preemptions)
 
     @property
     def kv_bytes_per_token(self) -> int:
         """KV bytes one token slot costs, all layers, scales included."""
-        return self.runner.bytes_per_block // self.runner.block_size
+        return self.runner.bytes_per_block_all_layers // self.runner.block_size
 
     @property
     def kv_precision(self) -> str:
-        """The KV cache precision the device compiled (f32, f16, bf16, u8, u4)."""
+        """The KV cache precision the device compiled (one of KV_PRECISIONS)."""
         return self.runner.layout.precision
 
     @property

@@ -13,12 +13,13 @@ import numpy as np
 import openvino as ov
 
 from .. import transforms
+from ..config import KV_PRECISIONS
 from ..errors import CacheCapacityError, ConfigError, ModelError
 from .block_manager import BlockManager
 from .kv_cache import KVCache
 from .scheduler import ScheduledChunk
 
-_PRECISIONS = {"f32": ov.Type.f32, "f16": ov.Type.f16, "bf16": ov.Type.bf16, "u8": ov.Type.u8, "u4": ov.Type.u4}
+_PRECISIONS = {name: getattr(ov.Type, name) for name in KV_PRECISIONS}
 
 
 def read_model_dir(model_dir: str | Path) -> tuple[Path, dict]:
@@ -139,7 +140,7 @@ class ModelRunner:
         self.num_kv_heads = self.layout.num_kv_heads
         self.head_size = self.info.kv_width // self.num_kv_heads
         self.num_q_heads = self.info.q_width // self.head_size
-        self.bytes_per_block = self.kv.bytes_per_block
+        self.bytes_per_block_all_layers = self.kv.bytes_per_block_all_layers
         self.max_position = int(self.hf_config.get("max_position_embeddings", 0)) or None
         vocab = self.compiled.output("logits").get_partial_shape()[-1]
         self.vocab_size = vocab.get_length() if vocab.is_static else None

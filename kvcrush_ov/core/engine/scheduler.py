@@ -1,4 +1,5 @@
-"""Decides WHAT runs each step: decodes first, then prompt chunks, under one token budget.
+"""Decides WHAT runs each step: decodes first, then prompt chunks, within the step's tokens
+(`step_tokens`, max_num_batched_tokens; not a plan's KV budget).
 
 The rule follows openvino-genai's dynamic split-fuse scheduler so that, with the same kernels, both
 engines feed the model the same batches: every decoding sequence gets its token first (in arrival
@@ -63,10 +64,10 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
+        step_tokens = self.max_num_batched_tokens  # tokens this step may still feed the model
         # 1. decodes: running sequences whose every token but the last sampled one is in the cache.
         for seq in list(self.seqs):
-            if budget == 0:
+            if step_tokens == 0:
                 break
             if seq.status is not Status.RUNNING or seq.num_uncomputed != 1 or seq in out.preempted:
                 continue
@@ -82,11 +83,11 @@ class Scheduler:
                 continue
             out.block_copies += self.blocks.allocate(seq.seq_id, grown)
             out.chunks.append(ScheduledChunk(seq, 1))
-            budget -= 1
+            step_tokens -= 1
         # 2. prompt chunks (also recomputation after preemption), greedily in arrival order.
         holding = sum(1 for s in self.seqs if s.status is Status.RUNNING)
         for seq in self.seqs:
-            if budget == 0:
+            if step_tokens == 0:
                 break
             if seq in out.preempted:
                 break  # keep arrival order: nothing newer overtakes a sequence preempted in this step
@@ -94,11 +95,11 @@ class Scheduler:
                 continue
             if seq.status is Status.WAITING and holding >= self.max_num_seqs:
                 break
-            n = self._chunk_size(seq, budget)
+            n = self._chunk_size(seq, step_tokens)
             if seq.status is Status.WAITING and seq.eviction is not None and not self._admits(seq):
                 break  # admitted in arrival order once its peak fits beside what running ones will claim
             if n <= 0 and seq.status is Status.RUNNING and not out.chunks:
-                n = self._make_room(seq, out, budget)  # a prompt stuck mid-prefill: nothing else would run
+                n = self._make_room(seq, out, step_tokens)  # a prompt stuck mid-prefill: nothing else would run
             if n <= 0:
                 break  # keep arrival order: a later prompt does not overtake one that does not fit
             if seq.status is Status.WAITING:
@@ -106,7 +107,7 @@ class Scheduler:
                 holding += 1
             out.block_copies += self.blocks.allocate(seq.seq_id, self.blocks.layer_lens(seq.seq_id) + n)
             out.chunks.append(ScheduledChunk(seq, n))
-            budget -= n
+            step_tokens -= n
         return out
 
     def footprint(self, num_tokens: int, num_new: int, plan) -> int:
@@ -142,17 +143,17 @@ class Scheduler:
                 claimed += max(0, self._peak_blocks(s) - held)
         return self.blocks.num_free_blocks - claimed >= self._peak_blocks(seq)
 
-    def _chunk_size(self, seq: Sequence, budget: int) -> int:
-        """Tokens of `seq` this step can take: the step's budget, free slots, and for memory-bounded
+    def _chunk_size(self, seq: Sequence, step_tokens: int) -> int:
+        """Tokens of `seq` this step can take: the step's tokens left, free slots, and for memory-bounded
         prefill what keeps the sequence within its budget + one chunk."""
         free_slots = self.blocks.num_free_blocks * self.blocks.block_size + self._slack(seq)
-        n = min(budget, seq.num_uncomputed, free_slots)
+        n = min(step_tokens, seq.num_uncomputed, free_slots)
         plan = seq.eviction
         if plan is not None and plan.during_prefill:
             n = min(n, plan.budget + plan.prefill_chunk - self.blocks.cache_len(seq.seq_id))
         return n
 
-    def _make_room(self, seq: Sequence, out: SchedulerOutput, budget: int) -> int:
+    def _make_room(self, seq: Sequence, out: SchedulerOutput, step_tokens: int) -> int:
         """Preempt newer running sequences until `seq` can take a chunk; return its chunk size."""
         n = 0
         while n <= 0:
@@ -160,7 +161,7 @@ class Scheduler:
             if victim is None or victim is seq:
                 return 0
             self._preempt(victim, out)
-            n = self._chunk_size(seq, budget)
+            n = self._chunk_size(seq, step_tokens)
         return n
 
     def postprocess(self, out: SchedulerOutput) -> None:

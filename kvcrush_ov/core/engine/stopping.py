@@ -1,4 +1,5 @@
-"""When a request stops (EOS, stop tokens, stop strings, length) and what its streamer is handed."""
+"""When a request stops (EOS, stop tokens, stop strings, length), what its streamer is handed, and the
+ids and text its caller is given at the end."""
 from __future__ import annotations
 
 from typing import Callable
@@ -52,3 +53,18 @@ def stream(seq: Sequence, decode: Decode | None) -> None:
         return
     if status is True or getattr(status, "name", "") in ("STOP", "CANCEL"):
         seq.finish(FinishReason.ABORT if getattr(status, "name", "") == "CANCEL" else FinishReason.STOP)
+
+
+def visible_ids(output_ids: list[int], finish_reason: FinishReason | None, eos_token_ids: frozenset[int]) -> list[int]:
+    """The generated ids a caller is given: without the EOS that ended the request (an EOS that did not
+    end it, e.g. under ignore_eos, stays)."""
+    if finish_reason is FinishReason.STOP and output_ids and output_ids[-1] in eos_token_ids:
+        return output_ids[:-1]
+    return output_ids
+
+
+def final_text(seq: Sequence, decode: Decode) -> str:
+    """A finished sequence's text: cut at its stop string when one ended it, else its visible ids decoded."""
+    if seq.finish_reason is FinishReason.STOP and seq.config.stop_strings and seq.text:
+        return seq.text
+    return decode(visible_ids(seq.output_ids, seq.finish_reason, seq.eos_token_ids))

@@ -15,7 +15,7 @@ from kvcrush_ov.core.errors import ConfigError
 from kvcrush_ov.core.policies.base import AttentionStats, Policy
 from kvcrush_ov.core.policies.full import FullCache
 from kvcrush_ov.core.policies.h2o import H2O
-from kvcrush_ov.core.policies.kvcrush import KVCrush, KVCrushConfig
+from kvcrush_ov.core.policies.kvcrush import NOT_KVCRUSH_BASES, KVCrush, KVCrushConfig
 from kvcrush_ov.core.policies.kvcrush_block import KVCrushBlock
 from kvcrush_ov.core.policies.pyramidkv import PyramidKV
 from kvcrush_ov.core.policies.snapkv import SnapKV
@@ -24,7 +24,7 @@ from kvcrush_ov.core.policies.streaming import StreamingLLM
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls for cls in (FullCache, StreamingLLM, H2O, SnapKV, PyramidKV, KVCrush, KVCrushBlock)
 }
-KVCRUSH_BASES = ("streaming", "h2o", "snapkv", "pyramidkv")
+KVCRUSH_BASES = tuple(name for name in POLICIES if name not in NOT_KVCRUSH_BASES)  # streaming, h2o, snapkv, pyramidkv
 
 
 def _options(cls: type) -> tuple[str, ...]:

@@ -23,7 +23,6 @@ from kvcrush_ov.core.errors import ConfigError
 from kvcrush_ov.core.policies.defaults import RECENT_TOKENS as DEFAULT_RECENT_TOKENS  # noqa: F401 (re-exported)
 from kvcrush_ov.core.policies.defaults import SINK_TOKENS as DEFAULT_SINK_TOKENS  # noqa: F401 (re-exported)
 
-SCORE_SOURCES = ("none", "window", "accumulated")
 HEAD_REDUCTIONS = ("sum", "mean", "max")
 POOLINGS = ("max", "avg", "none")
 

@@ -2,7 +2,7 @@
 
 Shared so that comparisons differ only in the method: protected first tokens and a short recent window
 are what made SnapKV usable on SmolLM2 (a 4-sink StreamingLLM default lost the needle; measurements in
-docs/ and the notes)."""
+docs/eval)."""
 
 SINK_TOKENS = 32            # first tokens always kept (attention sinks)
 RECENT_TOKENS = 64          # newest tokens always kept

@@ -43,8 +43,9 @@ THRESHOLDS = ("mean", "median", "top")
 ANCHORS = ("random", "zeros", "ones", "mean", "alternate")
 ANCHOR_COMBINES = ("sum", "lex")
 PICKS = ("medoid", "best")
-# a base that never evicts leaves nothing to represent; nesting block-level KVCrush makes no sense
-_BAD_BASES = ("full", "kvcrush", "kvcrush-block")
+# The one rule for KVCrush's base: any policy but these (a base that never evicts leaves nothing to
+# represent; nesting KVCrush makes no sense). policies.KVCRUSH_BASES names the registry's others.
+NOT_KVCRUSH_BASES = ("full", "kvcrush", "kvcrush-block")
 
 
 @dataclass(frozen=True)
@@ -342,10 +343,10 @@ class KVCrush(Policy):
     config: KVCrushConfig = field(default_factory=KVCrushConfig)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.base, Policy) or getattr(self.base, "name", "") in _BAD_BASES:
+        if not isinstance(self.base, Policy) or getattr(self.base, "name", "") in NOT_KVCRUSH_BASES:
             got = getattr(self.base, "name", type(self.base).__name__)
-            raise ConfigError(f"kvcrush.base must be a policy that evicts (streaming, h2o, snapkv, "
-                              f"pyramidkv), got {got!r}")
+            raise ConfigError(f"kvcrush.base must be a policy that evicts (not {', '.join(NOT_KVCRUSH_BASES)}), "
+                              f"got {got!r}")
         if not isinstance(self.config, KVCrushConfig):
             raise ConfigError(f"kvcrush.config must be a KVCrushConfig, got {type(self.config).__name__}")
 

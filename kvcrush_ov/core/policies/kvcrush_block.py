@@ -1,8 +1,8 @@
 """KVCrush as openvino-genai reads it: whole blocks, head-summed scores, one bit per token.
 
 Kept as a faithful reproduction of the other public reading so both can be measured side by side
-(notes/kvcrush.md). Differences from the paper: the bits are not per head (a token's bit is "in the
-top half of this layer's scores"), a signature is a BLOCK's block_size token bits, and representatives
+(docs/eval/*-vs-native-kvcrush). Differences from the paper: the bits are not per head (a token's bit
+is "in the top half of this layer's scores"), a signature is a BLOCK's block_size token bits, and representatives
 are picked at a uniform stride through the distance-sorted evicted blocks instead of per bucket.
 
 Unlike genai, the budget here is the total kept (its KVCrush blocks included), so it compares with

@@ -30,7 +30,7 @@ NOTES = """
 - Every task puts the question after the haystack and gives the assistant turn an answer prefix
   ("The pass key is"); without them the 135M model rambles.
 - niah_multikey uses 4 keys (a colour + an object each, distinct objects); earlier lookups among
-  60 similar facts failed (models.md), 4 works.
+  60 similar facts failed, 4 works.
 - cwe was resized: RULER's shape (several common words, "the top 3") scored 17 (it lists the first
   words of the list or synonyms); one common word at 15% of the entries scored 25, at 30% scored 50
   (an un-numbered comma-separated list: 17). Now: one word at 30%, numbered list, 9 new tokens.

@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ...core.config import GenerationConfig, SchedulerConfig
+from ...core.engine.stopping import final_text
 from ...core.errors import ConfigError
 from ...core.eviction_config import PREFILL_MODES, CacheEvictionConfig
 
@@ -50,7 +51,7 @@ class EvalConfig:
     kv_precision: str | None = None     # None: the device's default
     budget_bytes: bool = False          # budgets are KV bytes per sequence (equal-bytes comparison)
     properties: dict | None = None      # OpenVINO compile properties (e.g. INFERENCE_PRECISION_HINT)
-    reference: str | None = None        # summary rows get paired differences to this policy (eval/paired.py)
+    reference: str | None = None        # summary rows get paired differences to this policy (paired.py)
     num_kv_blocks: int = 0              # KV pool in blocks (overrides cache_size): prompts beyond it run memory-bounded
 
     def __post_init__(self) -> None:
@@ -215,10 +216,7 @@ class Runner:
         return rows
 
     def _text(self, seq) -> str:
-        out = seq.output_ids
-        if out and out[-1] in seq.eos_token_ids:
-            out = out[:-1]
-        return self.tokenizer.decode(out)
+        return final_text(seq, self.tokenizer.decode)  # the text LLMPipeline would give
 
     def _row(self, sample: Sample, ids, policy, budget, tokens, text, full_text, kv_slots, latency, nll_kl) -> dict:
         return {"id": sample.id, "task": sample.task, "length": sample.length, "prompt_tokens": len(ids),
