@@ -77,6 +77,15 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .tools import models
+    if args.gguf:
+        if args.name:
+            raise KVCrushError("give a model name or --gguf FILE, not both (--name NAME names a --gguf build)")
+        print(models.prepare_gguf(args.gguf, args.model_name, weight_format=args.weight_format, force=args.force))
+        return
+    if not args.name:
+        raise KVCrushError("give a model name (e.g. smollm2-135m, qwen2.5-coder-0.5b) or --gguf FILE")
+    if args.model_name:
+        raise KVCrushError("--name names a --gguf build; a known model keeps its own name")
     print(models.prepare(args.name, weight_format=args.weight_format, force=args.force))
 
 
@@ -189,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="build OpenVINO IR of a known model; prints its directory last")
-    p.add_argument("name", help="smollm2-135m | gemma3-270m | tiny-llama | tiny-<arch> (kvcrush_ov.tools.models.MODELS)")
+    p.add_argument("name", nargs="?", help="smollm2-135m | gemma3-270m | qwen2.5-coder-0.5b | qwen2.5-coder-1.5b | "
+                                          "tiny-llama | tiny-<arch> (kvcrush_ov.tools.models.MODELS)")
+    p.add_argument("--gguf", metavar="FILE", help="any GGUF transformers loads (llama, qwen2, gemma3, ...) instead of a name")
+    p.add_argument("--name", dest="model_name", metavar="NAME",
+                   help="cache name of the --gguf build (default: from the file name)")
     p.add_argument("--weight-format", default="fp16", help="fp16 | int8 | int4 (NNCF, as optimum-cli)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(func=cmd_prepare)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcrush_ov.tools import models
+from kvcrush_ov.tools import build, gguf_tokenizer, models
 from kvcrush_ov.core.errors import ConfigError, ModelError
 
 QUESTION = "What is the capital of France?"
@@ -25,7 +25,7 @@ def _pieces(model_dir: Path, ids) -> list[str]:
 
 
 def test_unknown_model_is_config_error():
-    with pytest.raises(ConfigError, match="smollm2-135m, gemma3-270m, tiny-llama, tiny-qwen2"):
+    with pytest.raises(ConfigError, match="smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, tiny-llama"):
         models.prepare("gpt-5")
 
 
@@ -60,7 +60,7 @@ def test_sentencepiece_merges_follow_piece_scores():
     scores = [0, -1, -2, -3, -4, -5, -6, 0]
     normal = [False, True, True, True, True, True, True, False]
     # best-scored merged piece first; "abc" splits two ways, ordered by its parts' ranks
-    assert models._sentencepiece_merges(tokens, scores, normal) == [("a", "b"), ("b", "c"), ("a", "bc"), ("ab", "c")]
+    assert gguf_tokenizer._sentencepiece_merges(tokens, scores, normal) == [("a", "b"), ("b", "c"), ("a", "bc"), ("ab", "c")]
 
 
 def test_build_is_atomic_and_keeps_stdout_clean(tmp_path, capfd):
@@ -71,7 +71,7 @@ def test_build_is_atomic_and_keeps_stdout_clean(tmp_path, capfd):
         raise RuntimeError("interrupted")
 
     with pytest.raises(ModelError, match="building m failed: RuntimeError: interrupted"):
-        models._build_atomically(out, failing, label="m")
+        build.build_atomically(out, failing, label="m")
     assert not out.exists() and os.listdir(out.parent) == []  # nothing left behind
 
     out.mkdir()  # an earlier build that died after the rename of a marker-less dir: redone
@@ -84,7 +84,7 @@ def test_build_is_atomic_and_keeps_stdout_clean(tmp_path, capfd):
         (tmp / "openvino_model.xml").write_text("<net/>")
         return {"k": 1}
 
-    models._build_atomically(out, noisy, label="m")
+    build.build_atomically(out, noisy, label="m")
     captured = capfd.readouterr()
     assert captured.out == ""
     assert "python-level chatter" in captured.err and "C-level chatter" in captured.err
@@ -96,9 +96,9 @@ def test_build_is_atomic_and_keeps_stdout_clean(tmp_path, capfd):
         (tmp / "other.xml").write_text("<net/>")
         return {"k": 2}
 
-    models._build_atomically(out, other, label="m")  # a finished build (a concurrent one's) is kept...
+    build.build_atomically(out, other, label="m")  # a finished build (a concurrent one's) is kept...
     assert json.loads((out / models.MARKER).read_text())["k"] == 1
-    models._build_atomically(out, other, label="m", force=True)  # ...unless forced
+    build.build_atomically(out, other, label="m", force=True)  # ...unless forced
     assert json.loads((out / models.MARKER).read_text())["k"] == 2 and (out / "other.xml").is_file()
     assert sorted(os.listdir(out.parent)) == ["m-fp16"]
 
@@ -122,7 +122,7 @@ def test_tiny_llama_dir_has_model_and_tokenizers(tiny_llama_dir):
 def test_second_prepare_is_a_cache_hit(tiny_llama_dir, monkeypatch):
     marker = tiny_llama_dir / models.MARKER
     before = marker.stat().st_mtime_ns
-    monkeypatch.setattr(models, "_export_openvino", lambda *a, **k: pytest.fail("a cache hit exported again"))
+    monkeypatch.setattr(models, "export_openvino", lambda *a, **k: pytest.fail("a cache hit exported again"))
     assert models.prepare("tiny-llama") == tiny_llama_dir
     assert marker.stat().st_mtime_ns == before
 
