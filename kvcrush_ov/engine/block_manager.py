@@ -40,7 +40,7 @@ class BlockManager:
     @property
     def num_used_blocks(self) -> int:
         """(layer, block) pairs in use, summed over layers: times a per-layer block size gives bytes."""
-        return int((self._ref > 0).sum())
+        return self.num_layers * self.num_blocks - sum(map(len, self._free))  # the free lists hold the rest
 
     def table(self, seq_id: int, layer: int) -> list[int]:
         return self.tables[seq_id][layer]
@@ -90,6 +90,9 @@ class BlockManager:
 
     def can_hold(self, seq_id: int, num_slots: int | np.ndarray) -> bool:
         """Whether every layer has the free blocks to hold num_slots slots (int, or per layer)."""
+        counts = self._counts.get(seq_id)
+        if counts is not None and not self._any_shared() and (counts * self.block_size >= num_slots).all():
+            return True  # most decode steps: every layer's last block has room
         return bool((self.num_new_blocks(seq_id, num_slots) <= self.free_counts()).all())
 
     def lens_of(self, seq_ids: list[int]) -> np.ndarray:
