@@ -77,12 +77,13 @@ def _resolve(obj, path: str):
 
 
 def measure(engine: LLMEngine, concurrency: int, prompt_tokens: int, new_tokens: int, seed: int,
-            profile: bool) -> dict:
+            profile: bool, stream: bool = False) -> dict:
     timer = _Timer()
     rng = np.random.default_rng(seed)
     vocab = engine.runner.vocab_size or 32000
     cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
-    seqs = [engine.add_request(rng.integers(100, vocab, prompt_tokens).tolist(), cfg) for _ in range(concurrency)]
+    seqs = [engine.add_request(rng.integers(100, vocab, prompt_tokens).tolist(), cfg,
+                               streamer=[].append if stream else None) for _ in range(concurrency)]
     while any(s.num_computed < s.num_prompt_tokens for s in seqs):
         engine.step()
     saved = []
@@ -91,6 +92,10 @@ def measure(engine: LLMEngine, concurrency: int, prompt_tokens: int, new_tokens:
         if owner is not None and hasattr(owner, name):
             saved.append((owner, name, owner.__dict__.get(name)))
             setattr(owner, name, timer.wrap(getattr(owner, name), label))
+    import kvcrush_ov.engine.llm_engine as module
+    if hasattr(module, "after_tokens"):  # stop checks + streaming, once per step (older code: inside _emit)
+        saved.append((module, "after_tokens", module.after_tokens))
+        module.after_tokens = timer.wrap(module.after_tokens, "stop+stream")
     request = engine.runner.request
     engine.runner.request = _TimedRequest(request, timer)
     rows = []
@@ -127,7 +132,7 @@ def measure(engine: LLMEngine, concurrency: int, prompt_tokens: int, new_tokens:
         med["inputs (run - infer)"] = 1e3 * float(np.median([r.get("inputs+infer", 0) - r.get("infer", 0) for r in rows]))
     med["python (step - infer)"] = 1e3 * float(np.median([r["step"] - r.get("infer", 0.0) for r in rows]))
     parts = ("schedule", "postprocess", "copy_blocks", "inputs+infer", "evict.observe", "evict.maybe", "emit",
-             "drop_finished")
+             "stop+stream", "drop_finished")
     med["other in step"] = 1e3 * float(np.median([r["step"] - sum(r.get(p, 0.0) for p in parts) for r in rows]))
     out = {"concurrency": concurrency, "steps": len(rows), "ms": med}
     if prof:
@@ -144,20 +149,24 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--cache-size", type=float, default=1.0)
+    ap.add_argument("--stream", action="store_true", help="every request streams text (detokenized each step)")
     ap.add_argument("--profile", action="store_true", help="also print the cProfile top of the decode steps")
     ap.add_argument("--label", default="", help="printed with the results (e.g. before / after)")
     ap.add_argument("--json", default="", help="append the results as one JSON line to this file")
     args = ap.parse_args()
     from kvcrush_ov.cli import _model_dir
-    engine = LLMEngine(_model_dir(args.model), scheduler_config=SchedulerConfig(cache_size=args.cache_size))
+    from kvcrush_ov.pipeline import Tokenizer
+    model_dir = _model_dir(args.model)
+    engine = LLMEngine(model_dir, scheduler_config=SchedulerConfig(cache_size=args.cache_size),
+                       decode=Tokenizer(model_dir).decode)
     engine.add_request([1, 2, 3, 4], GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
     while engine.has_unfinished:
         engine.step()
     results = []
     for i, c in enumerate(int(x) for x in args.concurrency.split(",")):
-        r = measure(engine, c, args.prompt_tokens, args.new_tokens, seed=i, profile=args.profile)
+        r = measure(engine, c, args.prompt_tokens, args.new_tokens, seed=i, profile=args.profile, stream=args.stream)
         results.append(r)
-        print(f"\n[{args.label}] {c} requests, {r['steps']} decode steps, median ms/step "
+        print(f"\n[{args.label}] {c} requests{' streaming' * args.stream}, {r['steps']} decode steps, median ms/step "
               f"(load {os.getloadavg()[0]:.2f}):")
         for k, v in sorted(r["ms"].items(), key=lambda kv: -kv[1]):
             print(f"  {k:24s} {v:8.3f}")
@@ -165,7 +174,7 @@ def main() -> None:
             print(r["profile"])
     if args.json:
         with open(args.json, "a") as f:
-            f.write(json.dumps({"label": args.label, "results": [{k: v for k, v in r.items() if k != "profile"}
+            f.write(json.dumps({"label": args.label, "stream": args.stream, "results": [{k: v for k, v in r.items() if k != "profile"}
                                                                  for r in results]}) + "\n")
 
 

@@ -21,7 +21,7 @@ from .model_runner import ModelRunner
 from .sampler import greedy_batch, sample
 from .scheduler import Scheduler
 from .sequence import FinishReason, LogitsObserver, Sequence, Status, TokenSource
-from .stopping import Decode, check_stop, stream
+from .stopping import Decode, after_tokens
 
 
 
@@ -264,8 +264,9 @@ class LLMEngine:
         greedy = greedy_batch(logits) if all(not s.config.do_sample for s in sampling) else None
         now = time.perf_counter()
         # Sequences with a token source go last: a source may follow what another request of this step produced.
-        for seq in sorted(sampling, key=lambda s: s.token_source is not None):
-            self._emit(seq, logits[rows[id(seq)]], None if greedy is None else int(greedy[rows[id(seq)]]), now)
+        emitted = [seq for seq in sorted(sampling, key=lambda s: s.token_source is not None)
+                   if self._emit(seq, logits[rows[id(seq)]], None if greedy is None else int(greedy[rows[id(seq)]]), now)]
+        after_tokens(emitted, self.decode)
         for c in out.chunks:
             self.evictor.maybe_evict(c.seq)
             lens = self.blocks.layer_lens(c.seq.seq_id)
@@ -276,17 +277,18 @@ class LLMEngine:
         self.last_step = StepStats(out.num_tokens, n_prefill, n_decode, time.perf_counter() - t0)
         return self._drop_finished()
 
-    def _emit(self, seq: Sequence, row: np.ndarray, greedy: int | None, now: float) -> None:
-        """Choose the sequence's next token from its logits row (or its token source), then stop/stream."""
-        if seq.is_finished:  # e.g. aborted by a streamer earlier in this step
-            return
+    def _emit(self, seq: Sequence, row: np.ndarray, greedy: int | None, now: float) -> bool:
+        """Choose the sequence's next token from its logits row (or its token source); False if it got none
+        (stop checks and streaming follow for all at once: stopping.after_tokens)."""
+        if seq.is_finished:
+            return False
         if seq.logits_observer is not None:
             seq.logits_observer(seq, row)
         if seq.token_source is not None:
             token = seq.token_source(seq)
             if token is None:  # the source has nothing more: the request is done
                 seq.finish(FinishReason.LENGTH)
-                return
+                return False
         else:
             suppress = seq.eos_token_ids if seq.num_generated < seq.config.min_new_tokens else frozenset()
             token = greedy if greedy is not None and not suppress else sample(row, seq.config, seq.rng, suppress)
@@ -295,8 +297,7 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.token_times.append(now)
-        check_stop(seq, token, self.decode)
-        stream(seq, self.decode)
+        return True
 
     def _drop_finished(self) -> list[Sequence]:
         """Free finished sequences' blocks and forget them (the caller keeps its own references)."""
