@@ -196,6 +196,16 @@ class BlockManager:
                 self._release(layer, block)
             self._truncate(seq_id, layer, keep)
 
+    def reorder(self, seq_id: int, layer: int, order: list[int]) -> None:
+        """The sequence's blocks of one layer in a new order (compaction moved whole blocks by remapping)."""
+        table = self.tables[seq_id][layer]
+        if order == table:
+            return
+        if sorted(order) != sorted(table):
+            raise KVCrushError(f"reorder of sequence {seq_id}, layer {layer}: not a permutation of its blocks")
+        for i, block in enumerate(order):
+            self._set_block(seq_id, layer, i, block)
+
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child shares every block of the parent (copy-on-write)."""
         if child_id in self.tables:
