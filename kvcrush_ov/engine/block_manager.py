@@ -79,6 +79,11 @@ class BlockManager:
         last = self._arrays[seq_id][layers, np.maximum(counts - 1, 0)]
         return ((counts > 0) & (slots > 0) & (self._ref[layers, last] > 1)).astype(np.int64)
 
+    def _has_room(self, seq_id: int, num_slots: int | np.ndarray) -> bool:
+        """Whether every layer's blocks already hold num_slots and none is shared (most decode steps)."""
+        counts = self._counts.get(seq_id)
+        return counts is not None and not self._any_shared() and bool((counts * self.block_size >= num_slots).all())
+
     def _any_shared(self) -> bool:
         if self._shared is None:
             self._shared = bool((self._ref > 1).any())
@@ -90,9 +95,8 @@ class BlockManager:
 
     def can_hold(self, seq_id: int, num_slots: int | np.ndarray) -> bool:
         """Whether every layer has the free blocks to hold num_slots slots (int, or per layer)."""
-        counts = self._counts.get(seq_id)
-        if counts is not None and not self._any_shared() and (counts * self.block_size >= num_slots).all():
-            return True  # most decode steps: every layer's last block has room
+        if self._has_room(seq_id, num_slots):
+            return True
         return bool((self.num_new_blocks(seq_id, num_slots) <= self.free_counts()).all())
 
     def lens_of(self, seq_ids: list[int]) -> np.ndarray:
@@ -124,6 +128,8 @@ class BlockManager:
         shared with a fork, it is replaced by a private copy before new tokens are written into it.
         The caller (model runner) copies the block contents.
         """
+        if self._has_room(seq_id, num_slots):
+            return []
         if seq_id not in self.tables:
             self.tables[seq_id] = [[] for _ in range(self.num_layers)]
             self._lens[seq_id] = np.zeros(self.num_layers, dtype=np.int64)
@@ -133,7 +139,7 @@ class BlockManager:
         grow = np.maximum(-(-slots // self.block_size) - self._counts[seq_id], 0)
         cow = self._copies_last(seq_id, slots)
         if not (grow.any() or cow.any()):
-            return []  # most decode steps: the last block has room and is the sequence's own
+            return []
         short = np.flatnonzero(grow + cow > self.free_counts())
         if short.size:
             raise KVCrushError(f"KV pool exhausted in layer {int(short[0])}: scheduler admitted more than fits")
