@@ -236,3 +236,31 @@ def test_probe_of_the_prompt_tail_scores_compactions_inside_the_prompt(tiny_llam
     s2 = e.add_request(ids, GenerationConfig(max_new_tokens=4, ignore_eos=True), eviction=ev)
     e.abort(s2.seq_id)
     assert not e.has_unfinished and not e.sequences and e.blocks.num_used_blocks == 0
+
+
+# -- streaming: one detokenizer call per step for all streaming requests -----------------------------
+class CountingDecoder:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.single, self.batches = tokenizer, 0, []
+
+    def decode(self, ids: list[int]) -> str:
+        self.single += 1
+        return self.tokenizer.decode(ids)
+
+    def decode_batch(self, ids: list[list[int]]) -> list[str]:
+        self.batches.append(len(ids))
+        return self.tokenizer.decode_batch(ids)
+
+
+def test_streams_of_a_step_are_detokenized_in_one_call(tiny_llama_dir, ids):
+    tok = kvcrush_ov.Tokenizer(tiny_llama_dir)
+    dec = CountingDecoder(tok)
+    e = LLMEngine(tiny_llama_dir, "CPU", SchedulerConfig(cache_size=0.05), F32, decode=dec.decode)
+    pieces: list[list[str]] = [[], [], []]
+    seqs = [e.add_request(ids[: 20 + 7 * i], GenerationConfig(max_new_tokens=6 + i, ignore_eos=True,
+                                                              stop_strings={"zzzz"} if i == 2 else set()),
+                          streamer=pieces[i].append) for i in range(3)]
+    finish(e)
+    assert dec.single == 0 and dec.batches and max(dec.batches) == 3
+    for s, p in zip(seqs, pieces):
+        assert "".join(p) == s.text == tok.decode(s.output_ids) and s.num_generated == s.config.max_new_tokens

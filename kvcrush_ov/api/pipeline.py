@@ -75,6 +75,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.ov_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, ids: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """Several sequences in one detokenizer call (the engine's streaming: the cost is mostly per call)."""
+        return list(self.ov_tokenizer.decode([list(i) for i in ids], skip_special_tokens=skip_special_tokens))
+
     def apply_chat_template(self, history: list[dict], add_generation_prompt: bool = True) -> str:
         return self.ov_tokenizer.apply_chat_template(history, add_generation_prompt)
 

@@ -309,7 +309,7 @@ class Evictor:
         keeps = []
         for layer in range(L):
             keep = np.nonzero(masks[layer])[1].reshape(hkv, kept[layer])  # sorted per head: time order kept
-            self.runner.kv.compact(layer, tables[layer], keep)
+            self.blocks.reorder(seq.seq_id, layer, self.runner.kv.compact(layer, tables[layer], keep))
             keeps.append(keep)
         if glob.size and not uneven and (kept[glob] == kept[glob[0]]).all():  # its state covers the global layers
             st.policy_state = policy.compact(st.policy_state, np.stack([keeps[layer] for layer in glob]))

@@ -68,6 +68,13 @@ def _dequantize_by_channel(k: np.ndarray) -> np.ndarray:
     return (k[..., QUANT_HEADER_BYTES:, :].astype(np.float32) - zp) * scale
 
 
+def _row_view(blocks: np.ndarray) -> np.ndarray:
+    """[N * Hkv * rows, row bytes] view of a pool tensor (raises rather than copy): one flat index per row."""
+    rows = blocks.view()
+    rows.shape = (-1, blocks.shape[-1])
+    return rows
+
+
 class KVCache:
     def __init__(self, compiled: ov.CompiledModel, request: ov.InferRequest, num_layers: int, num_blocks: int) -> None:
         key, value = compiled.input("key_cache.0"), compiled.input("value_cache.0")
@@ -88,6 +95,7 @@ class KVCache:
         view = lambda t: t.data.reshape(num_blocks, *t.get_shape()[1:-1], -1)  # noqa: E731
         self.keys = [view(t) for t in self._tensors[0::2]]
         self.values = [view(t) for t in self._tensors[1::2]]
+        self._rows = [[_row_view(k), _row_view(v)] for k, v in zip(self.keys, self.values)]
 
     @property
     def bytes_per_block_all_layers(self) -> int:
@@ -98,10 +106,6 @@ class KVCache:
         for layer, src, dst in copies:
             self.keys[layer][dst] = self.keys[layer][src]
             self.values[layer][dst] = self.values[layer][src]
-
-    def _slots(self, table: list[int], slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        bs = self.layout.block_size
-        return np.asarray(table, dtype=np.int64)[slots // bs], slots % bs
 
     def read_keys(self, layer: int, table: list[int], num_slots: int) -> np.ndarray:
         """Keys of slots 0..num_slots-1 of one sequence, f32 [Hkv, num_slots, hd]."""
@@ -122,21 +126,61 @@ class KVCache:
         k = _dequantize_by_channel(k) if self.layout.keys_by_channel else _to_f32(k, self.layout.precision)
         return k.transpose(1, 0, 2, 3).reshape(k.shape[1], -1, k.shape[3])[:, :num_slots]
 
-    def compact(self, layer: int, table: list[int], keep: np.ndarray) -> None:
-        """Move kept slots keep[h] (sorted, [Hkv, n]) of each KV head to slots 0..n-1, in order.
+    def compact(self, layer: int, table: list[int], keep: np.ndarray) -> list[int]:
+        """Move kept slots keep[h] (sorted, [Hkv, n]) of each KV head to slots 0..n-1, in order; return
+        the table's blocks in their new order (the caller's block manager applies it).
 
-        Kept keys keep their RoPE rotation (their original positions), so nothing is recomputed."""
+        Kept keys keep their RoPE rotation (their original positions), so nothing is recomputed. A
+        destination block whose slots all come, in order, from one later block in every head (e.g. the
+        recent window, when the evicted count is a multiple of the block size) takes that block in the
+        table instead of being copied; the other rows move with one gather and one scatter per tensor."""
         self.require_token_rows("eviction")
         hkv, n = keep.shape
-        moved = keep != np.arange(n)  # kept slots before the first evicted one are already in place
-        if not moved.any():
-            return
-        head, dst = np.nonzero(moved)
-        src_block, src_off = self._slots(table, keep[head, dst])
-        dst_block, dst_off = self._slots(table, dst)
-        for cache in (self.keys[layer], self.values[layer]):
-            rows = cache[src_block, head, src_off]        # gather first (a copy): safe to overwrite
-            cache[dst_block, head, dst_off] = rows
+        bs = self.layout.block_size
+        order = self._remap_whole_blocks(keep, len(table), bs)
+        dst = np.arange(n)
+        moved = (keep != dst) & (order[dst // bs] == dst // bs)  # in place, or arriving whole: no row copy
+        if moved.any():
+            head, slot = np.nonzero(moved)
+            blocks = np.asarray(table, dtype=np.int64)
+            src = keep[head, slot]
+            src_rows = (blocks[src // bs] * hkv + head) * bs + src % bs
+            dst_rows = (blocks[slot // bs] * hkv + head) * bs + slot % bs
+            for rows in self._rows[layer]:
+                rows[dst_rows] = rows[src_rows]  # the right side is gathered first (a copy): safe to overwrite
+        return [table[i] for i in order]
+
+    @staticmethod
+    def _remap_whole_blocks(keep: np.ndarray, num_blocks: int, bs: int) -> np.ndarray:
+        """int [num_blocks]: order[j] = the old table position whose block becomes position j.
+
+        Destination j takes block i (> j) when every head keeps exactly i's slots, in order, at j's slots,
+        and block i is not needed in place as a destination that is copied into; blocks left over go last
+        (the caller's trim releases them)."""
+        hkv, n = keep.shape
+        order = np.arange(num_blocks)
+        full = n // bs
+        if full == 0:
+            return order
+        first = keep[:, :full * bs:bs]                                    # [Hkv, full]: first source slot
+        whole = (first % bs == 0) & (keep[:, bs - 1:full * bs:bs] - first == bs - 1) & (first == first[:1])
+        source = first[0] // bs
+        candidates = np.flatnonzero(whole.all(axis=0) & (source != np.arange(full)))
+        if candidates.size == 0:
+            return order
+        kept_dst = -(-n // bs)
+        remapped = np.zeros(num_blocks, dtype=bool)
+        for j in candidates[::-1].tolist():  # sources lie after their destination: decide from the end
+            i = int(source[j])
+            if i >= kept_dst or remapped[i]:  # its own place is not copied into (it is gone or remapped too)
+                remapped[j] = True
+                order[j] = i
+        if not remapped.any():
+            return order
+        used = np.zeros(num_blocks, dtype=bool)
+        used[order[:kept_dst]] = True
+        order[kept_dst:] = np.flatnonzero(~used)
+        return order
 
     def require_token_rows(self, what: str) -> None:
         if not self.layout.token_rows:

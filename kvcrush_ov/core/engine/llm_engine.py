@@ -21,15 +21,15 @@ from .model_runner import ModelRunner
 from .sampler import greedy_batch, sample
 from .scheduler import Scheduler
 from .sequence import FinishReason, LogitsObserver, Sequence, Status, TokenSource
-from .stopping import Decode, check_stop, stream
+from .stopping import Decode, after_tokens
 
 
 
 def token_logprob(row: np.ndarray, token: int) -> float:
     """log p(token) under one logits row (float64 log-sum-exp; openvino_genai's scores sum these)."""
-    z = row.astype(np.float64)
-    top = z.max()
-    return float(z[token] - top - np.log(np.exp(z - top).sum()))
+    top = row.max()  # exact in the row's dtype: the same values as in float64, one pass and one buffer fewer
+    z = np.subtract(row, top, dtype=np.float64)
+    return float(float(row[token]) - float(top) - np.log(np.exp(z, out=z).sum()))
 
 
 @dataclass
@@ -299,8 +299,9 @@ class LLMEngine:
         greedy = greedy_batch(logits) if all(not s.config.do_sample for s in sampling) else None
         now = time.perf_counter()
         # Sequences with a token source go last: a source may follow what another request of this step produced.
-        for seq in sorted(sampling, key=lambda s: s.token_source is not None):
-            self._emit(seq, logits[rows[id(seq)]], None if greedy is None else int(greedy[rows[id(seq)]]), now)
+        emitted = [seq for seq in sorted(sampling, key=lambda s: s.token_source is not None)
+                   if self._emit(seq, logits[rows[id(seq)]], None if greedy is None else int(greedy[rows[id(seq)]]), now)]
+        after_tokens(emitted, self.decode)
         for c in out.chunks:
             m = c.seq.metrics  # the peak is what the sequence held before it evicted
             m.peak_kv_slots = max(m.peak_kv_slots, self.blocks.cache_len(c.seq.seq_id))
@@ -311,17 +312,18 @@ class LLMEngine:
         self.last_step = StepStats(out.num_tokens, n_prefill, n_decode, time.perf_counter() - t0)
         return self._drop_finished()
 
-    def _emit(self, seq: Sequence, row: np.ndarray, greedy: int | None, now: float) -> None:
-        """Choose the sequence's next token from its logits row (or its token source), then stop/stream."""
-        if seq.is_finished:  # e.g. aborted by a streamer earlier in this step
-            return
+    def _emit(self, seq: Sequence, row: np.ndarray, greedy: int | None, now: float) -> bool:
+        """Choose the sequence's next token from its logits row (or its token source); False if it got none
+        (stop checks and streaming follow for all at once: stopping.after_tokens)."""
+        if seq.is_finished:
+            return False
         if seq.logits_observer is not None:
             seq.logits_observer(seq, row)
         if seq.token_source is not None:
             token = seq.token_source(seq)
             if token is None:  # the source has nothing more: the request is done
                 seq.finish(FinishReason.LENGTH)
-                return
+                return False
         else:
             suppress = seq.eos_token_ids if seq.num_generated < seq.config.min_new_tokens else frozenset()
             token = greedy if greedy is not None and not suppress else sample(row, seq.config, seq.rng, suppress)
@@ -330,8 +332,7 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.token_times.append(now)
-        check_stop(seq, token, self.decode)
-        stream(seq, self.decode)
+        return True
 
     def _drop_finished(self) -> list[Sequence]:
         """Free finished sequences' blocks and forget them (the caller keeps its own references)."""

@@ -6,6 +6,7 @@ list of scheduled chunks into PagedAttention inputs and returns the logits of sa
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -172,45 +173,50 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------------------------------
     def run(self, chunks: list[ScheduledChunk], blocks: BlockManager) -> np.ndarray:
-        """Feed the chunks; return logits [S, V] for the chunks that sample, in chunk order."""
-        lens = np.array([c.num_tokens for c in chunks], dtype=np.int32)
-        starts = np.array([c.seq.num_computed for c in chunks], dtype=np.int64)
-        first_pos = starts + np.array([c.seq.position_offset for c in chunks], dtype=np.int64)
-        layer_past = np.stack([blocks.layer_lens(c.seq.seq_id) for c in chunks], axis=1).astype(np.int32)  # [L, S]
+        """Feed the chunks; return logits [S, V] for the chunks that sample, in chunk order.
+
+        Built with a fixed number of numpy calls per step plus one per chunk (no per-token or per-layer
+        Python loops over the batch): with many running requests this is the engine's own cost per step."""
+        seqs = [c.seq for c in chunks]
+        ids = [s.seq_id for s in seqs]
+        n = len(chunks)
+        lens = np.fromiter((c.num_tokens for c in chunks), dtype=np.int64, count=n)
+        starts = np.fromiter((s.num_computed for s in seqs), dtype=np.int64, count=n)
+        first_pos = starts + np.fromiter((s.position_offset for s in seqs), dtype=np.int64, count=n)
+        layer_past = blocks.lens_of(ids).astype(np.int32)  # [L, S]
         past = layer_past.max(axis=0)
-        input_ids = np.concatenate([np.asarray(c.seq.token_ids[s:s + n], dtype=np.int64)
-                                    for c, s, n in zip(chunks, starts, lens)])
+        total = int(lens.sum())
+        if total == n:  # one token each (decoding): no slices
+            input_ids = np.fromiter(map(list.__getitem__, (s.token_ids for s in seqs), starts.tolist()),
+                                    dtype=np.int64, count=n)
+        else:
+            input_ids = np.fromiter(itertools.chain.from_iterable(
+                s.token_ids[b:b + k] for s, b, k in zip(seqs, starts.tolist(), lens.tolist())), dtype=np.int64, count=total)
         # True positions: evicted tokens leave gaps in the cache, not in RoPE positions.
-        offsets = np.repeat(np.cumsum(lens) - lens, lens)
-        position_ids = np.arange(int(lens.sum()), dtype=np.int64) - offsets + np.repeat(first_pos, lens)
-        begins = np.zeros(len(chunks) + 1, dtype=np.int32)
+        begins = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(lens, out=begins[1:])
-        sample_rows = np.array([i for i, c in enumerate(chunks) if c.samples], dtype=np.int64)
+        position_ids = np.arange(total, dtype=np.int64) + np.repeat(first_pos - begins[:-1], lens)
+        sample_rows = np.flatnonzero(starts + lens == np.fromiter(map(len, seqs), dtype=np.int64, count=n))
         inputs = {
             "input_ids": input_ids,
             "position_ids": position_ids,
             "subsequence_begins": begins,
             "max_context_len": np.array(int((past + lens).max()), dtype=np.int32),
         }
-        tables = [blocks.tables[c.seq.seq_id] for c in chunks]
+        block_ids, block_begins = blocks.gather_tables(ids)
         for layer in range(self.num_layers):
-            block_begins = np.zeros(len(chunks) + 1, dtype=np.int32)
-            np.cumsum([len(t[layer]) for t in tables], out=block_begins[1:])
-            inputs[f"block_indices.{layer}"] = np.fromiter(
-                (b for t in tables for b in t[layer]), dtype=np.int32, count=int(block_begins[-1]))
+            inputs[f"block_indices.{layer}"] = block_ids[layer]
             if self.per_layer_lengths:
                 inputs[f"past_lens.{layer}"] = layer_past[layer]
-                inputs[f"block_indices_begins.{layer}"] = block_begins
-            else:
-                inputs["block_indices_begins"] = block_begins
+                inputs[f"block_indices_begins.{layer}"] = block_begins[layer]
         if not self.per_layer_lengths:
+            inputs["block_indices_begins"] = block_begins[0]
             inputs["past_lens"] = past
         if "score_aggregation_window" in self.input_names:
-            inputs["score_aggregation_window"] = np.zeros(len(chunks), dtype=np.int32)
+            inputs["score_aggregation_window"] = np.zeros(n, dtype=np.int32)
         if self.info.gathers_logits:
             inputs["sampled_tokens_indices"] = (begins[1:][sample_rows] - 1).astype(np.int64)
-        for name, value in inputs.items():
-            self.request.set_tensor(name, ov.Tensor(value))
+        self.request.set_tensors({name: ov.Tensor(value) for name, value in inputs.items()})
         self.request.infer()
         logits = self.request.get_tensor("logits").data
         vocab = logits.shape[-1]

@@ -6,17 +6,42 @@ from typing import Callable
 
 from .sequence import FinishReason, Sequence
 
+# Detokenizes one sequence's ids. When it is a bound method of an object that also has
+# decode_batch(list of id lists) -> list of texts (the pipeline's Tokenizer), that is called instead,
+# once per step for every sequence that needs its text: the detokenizer's cost is mostly per call.
 Decode = Callable[[list[int]], str]
 
 
-def check_stop(seq: Sequence, token: int, decode: Decode | None) -> None:
-    """Finish the sequence on EOS / a stop token (after min_new_tokens), a stop string, or its length."""
+def decode_many(decode: Decode, ids: list[list[int]]) -> list[str]:
+    """Texts of several id lists: one batched call if `decode` offers one, else one call each."""
+    batch = getattr(getattr(decode, "__self__", None), "decode_batch", None)
+    if batch is not None:
+        return list(batch(ids))
+    return [decode(i) for i in ids]
+
+
+def after_tokens(seqs: list[Sequence], decode: Decode | None) -> None:
+    """Every sequence of the step has its new token: detokenize those that stream or watch stop strings
+    (one call for all), then check each one's stops and feed its streamer, in order."""
+    wants = [s for s in seqs if s.streamer is not None or s.config.stop_strings] if decode is not None else []
+    texts = dict(zip(map(id, wants), decode_many(decode, [s.output_ids for s in wants]))) if wants else {}
+    for seq in seqs:
+        if seq.is_finished:  # e.g. aborted while another request's streamer ran
+            continue
+        text = texts.get(id(seq))
+        check_stop(seq, seq.token_ids[-1], text)
+        stream(seq, text)
+
+
+def check_stop(seq: Sequence, token: int, text: str | None) -> None:
+    """Finish the sequence on EOS / a stop token (after min_new_tokens), a stop string, or its length.
+    text: the whole output detokenized (None: not known, stop strings are not checked)."""
     cfg = seq.config
     if not cfg.ignore_eos and (token in seq.eos_token_ids or token in cfg.stop_token_ids) \
             and seq.num_generated >= cfg.min_new_tokens:
         seq.finish(FinishReason.STOP)
-    elif cfg.stop_strings and decode is not None:
-        seq.text = decode(seq.output_ids)
+    elif cfg.stop_strings and text is not None:
+        seq.text = text
         tail = seq.text[max(0, seq.streamed_chars - max(map(len, cfg.stop_strings))):]
         hits = [(tail.find(s), s) for s in cfg.stop_strings if s in tail]
         if hits:
@@ -28,13 +53,13 @@ def check_stop(seq: Sequence, token: int, decode: Decode | None) -> None:
         seq.finish(FinishReason.LENGTH)
 
 
-def stream(seq: Sequence, decode: Decode | None) -> None:
+def stream(seq: Sequence, text: str | None) -> None:
     """Hand the streamer the new, complete text (held back: a partial UTF-8 character or what could start
-    a stop string); a broken streamer ends only its own request."""
-    if seq.streamer is None or decode is None:
+    a stop string); a broken streamer ends only its own request. text: the whole output detokenized."""
+    if seq.streamer is None or text is None:
         return
     if not (seq.is_finished and seq.config.stop_strings and seq.finish_reason is FinishReason.STOP):
-        seq.text = decode(seq.output_ids)
+        seq.text = text  # else check_stop has cut it at the stop string
     text = seq.text
     end = len(text)
     if not seq.is_finished:
