@@ -21,8 +21,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from kvcrush_ov.config import GenerationConfig, SchedulerConfig
-from kvcrush_ov.engine.llm_engine import LLMEngine
+from kvcrush_ov.core.config import GenerationConfig, SchedulerConfig
+from kvcrush_ov.core.engine.llm_engine import LLMEngine
 
 # (owner attribute path, method name, label); whichever exist in this code version are timed
 _PARTS = [
@@ -92,7 +92,7 @@ def measure(engine: LLMEngine, concurrency: int, prompt_tokens: int, new_tokens:
         if owner is not None and hasattr(owner, name):
             saved.append((owner, name, owner.__dict__.get(name)))
             setattr(owner, name, timer.wrap(getattr(owner, name), label))
-    import kvcrush_ov.engine.llm_engine as module
+    import kvcrush_ov.core.engine.llm_engine as module
     if hasattr(module, "after_tokens"):  # stop checks + streaming, once per step (older code: inside _emit)
         saved.append((module, "after_tokens", module.after_tokens))
         module.after_tokens = timer.wrap(module.after_tokens, "stop+stream")
@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--json", default="", help="append the results as one JSON line to this file")
     args = ap.parse_args()
     from kvcrush_ov.cli import _model_dir
-    from kvcrush_ov.pipeline import Tokenizer
+    from kvcrush_ov.api.pipeline import Tokenizer
     model_dir = _model_dir(args.model)
     engine = LLMEngine(model_dir, scheduler_config=SchedulerConfig(cache_size=args.cache_size),
                        decode=Tokenizer(model_dir).decode)

@@ -3,8 +3,8 @@ PagedAttention) follows every mutation, including copy-on-write after forks and 
 import numpy as np
 import pytest
 
-from kvcrush_ov.engine.block_manager import BlockManager
-from kvcrush_ov.errors import KVCrushError
+from kvcrush_ov.core.engine.block_manager import BlockManager
+from kvcrush_ov.core.errors import KVCrushError
 
 L, BS = 3, 4
 

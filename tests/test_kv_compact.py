@@ -3,7 +3,7 @@ and blocks kept whole are remapped, not copied."""
 import numpy as np
 import pytest
 
-from kvcrush_ov.engine.kv_cache import CacheLayout, KVCache, _row_view
+from kvcrush_ov.core.engine.kv_cache import CacheLayout, KVCache, _row_view
 
 HKV, BS, HD, POOL = 3, 4, 5, 24
 
