@@ -22,7 +22,9 @@ from ..config import GenerationConfig, SchedulerConfig
 from ..errors import ConfigError
 from ..eviction_config import PREFILL_MODES, CacheEvictionConfig
 
-PREFILL_OPTIONS = ("prefill", "prefill_chunk", "prefill_window", "prefill_scores")  # eval variants may set them
+# eval variants may set them
+PREFILL_OPTIONS = ("prefill", "prefill_chunk", "prefill_window", "prefill_scores", "scores", "expected_future",
+                   "expected_value_norm")
 from ..options import parse_policy_spec as parse_policy
 from ..policies import POLICIES, defaults, make_policy
 from .metrics import exact_match_rate, mean_and_ci, rouge_l, score
@@ -140,7 +142,8 @@ class Runner:
         forked = {k: v for k, v in plans.items() if v[1].prefill == "after"}
         reference = FullCacheReference()
         parent = engine.add_request(ids, cfg, eviction=None, logits_observer=reference.observe,
-                                    query_window=max([ev.window for _, ev in forked.values()], default=0))
+                                    query_window=max([ev.window for _, ev in forked.values()], default=0),
+                                    query_stats=any(ev.uses_expected for _, ev in forked.values()))
         while parent.num_generated == 0 and not parent.is_finished:
             engine.step()
         t_prefill = time.perf_counter() - t0
