@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=int, default=1536)
     p.add_argument("--keys", default="48213,71946,30587", help="pass keys, one prompt each")
     p.add_argument("--depths", default="0.2,0.4,0.6")
+    p.add_argument("--rows", default="", help="run only the rows whose label contains one of these "
+                   "comma-separated words (e.g. 'expected,hybrid')")
     args = p.parse_args(argv)
     model_dir = resolve_model_dir(args.model)
     keys, depths = args.keys.split(","), [float(d) for d in args.depths.split(",")]
@@ -49,6 +51,15 @@ def main(argv: list[str] | None = None) -> None:
             (f"snapkv {args.budget}, memory-bounded prefill scored by a probe of the prompt's tail, "
              f"{args.num_kv_blocks} blocks", small,
              CacheEvictionConfig("snapkv", budget=args.budget, prefill_scores="probe", prefill_window=64))]
+    for policy in ("kvcrush", "snapkv"):
+        rows += [(f"{policy} {args.budget}, memory-bounded prefill scored by expected attention, "
+                  f"{args.num_kv_blocks} blocks", small,
+                  CacheEvictionConfig(policy, budget=args.budget, prefill_scores="expected", scores="expected")),
+                 (f"{policy} {args.budget}, memory-bounded prefill, hybrid: expected attention inside the prompt, "
+                  f"the window at its end, {args.num_kv_blocks} blocks", small,
+                  CacheEvictionConfig(policy, budget=args.budget, prefill_scores="expected"))]
+    if args.rows:
+        rows = [r for r in rows if any(w.strip() in r[0] for w in args.rows.split(","))]
     pool_tokens = args.num_kv_blocks * 32
     print(f"model {model_dir.name}; prompts of {min(n_tokens)}-{max(n_tokens)} tokens, keys at depths "
           f"{', '.join(f'{d:.0%}' for d in depths)}; a {args.num_kv_blocks}-block pool holds {pool_tokens} tokens\n")

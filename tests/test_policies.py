@@ -51,6 +51,17 @@ def test_pool_max_matches_naive(T, k, seed):
     np.testing.assert_array_equal(pool_tokens(x, k, "max"), naive)
 
 
+@SETTINGS
+@given(st.integers(1, 40), st.sampled_from([1, 3, 5]), st.integers(0, 6), st.integers(0, 2**16))
+def test_pool_reaching_back_matches_naive(T, k, back, seed):
+    """pool_back: token t pools t-r-back .. t+r, so the tokens after a well-scored one inherit its score."""
+    x = np.random.default_rng(seed).random((2, T)).astype(np.float32)
+    r = k // 2
+    for mode, red in (("max", np.max), ("avg", np.mean)):
+        naive = np.array([[red(row[max(0, t - r - back): t + r + 1]) for t in range(T)] for row in x])
+        np.testing.assert_allclose(pool_tokens(x, k, mode, back), naive, rtol=1e-6)
+
+
 def test_topk_keep_mask_by_hand():
     s = np.array([[[9, 1, 5, 3, 4, 0, 9]]], dtype=np.float32)
     m = topk_keep_mask(s, 4, sink=1, recent=1)
