@@ -141,3 +141,52 @@ def test_engine_statistics_match_hf_pre_rope_queries(smollm2_dir):
     # Frobenius); a wrong RoPE convention or position would be off by O(1)
     assert worst_mean < 3e-2 and worst_cov < 3e-2, (worst_mean, worst_cov)
     engine.abort(seq.seq_id)
+
+
+# -- in the engine ------------------------------------------------------------------------------
+def test_engine_evicts_to_the_expected_attention_keep_set(tiny_llama_dir):
+    """A fork scored by expected attention keeps exactly the slots the policy picks from
+    expected_attention.score over the parent's keys and statistics; a parent without statistics cannot
+    be forked so; statistics fold in chunk by chunk."""
+    import openvino as ov
+
+    import kvcrush_ov
+    from kvcrush_ov import CacheEvictionConfig, KVCrushError, SchedulerConfig
+    from kvcrush_ov.config import GenerationConfig
+    from kvcrush_ov.engine.llm_engine import LLMEngine
+    from kvcrush_ov.policies import AttentionStats
+
+    ids = kvcrush_ov.Tokenizer(tiny_llama_dir).prepare("Paged attention stores keys in blocks. " * 12, True)
+    e = LLMEngine(tiny_llama_dir, "CPU", SchedulerConfig(cache_size=0.05, max_num_batched_tokens=48),
+                  {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": ov.Type.f32}, enable_eviction=True)
+    cfg = GenerationConfig(max_new_tokens=3, ignore_eos=True)
+    ev = CacheEvictionConfig("snapkv", budget=48, options={"sink_tokens": 4, "recent_tokens": 16, "window": 8},
+                             prefill="after", scores="expected")
+    bare = e.add_request(ids, GenerationConfig(max_new_tokens=64, ignore_eos=True), eviction=None, query_window=8)
+    parent = e.add_request(ids, cfg, eviction=None, query_window=8, query_stats=True)
+    while parent.num_generated == 0 or bare.num_generated == 0:
+        e.step()
+    with pytest.raises(KVCrushError, match="query_stats=True"):
+        e.fork(bare, cfg, ev)
+    e.abort(bare.seq_id)
+    st = e.evictor.state(parent).query_stats
+    assert st.count == len(ids) - ExpectedOptions().skip_first
+    r, T = e.runner, len(ids)
+    keys = np.stack([r.kv.read_keys(l, e.blocks.tables[parent.seq_id][l], T) for l in range(r.num_layers)])
+    scores = score(st, e.evictor.rope(), keys, np.array(r.softmax_scales), parent.num_computed)
+    policy = ev.make_policy()
+    want = policy.keep_mask(AttentionStats(scores, r.num_kv_heads), 48)             # [L, Hkv, T]
+    child = e.fork(parent, cfg, ev)
+    assert child.metrics.evictions == 1 and e.evictor.state(child).query_stats is st
+    for layer in range(r.num_layers):
+        got = r.kv.read_keys(layer, e.blocks.tables[child.seq_id][layer], 48)
+        expect = np.stack([keys[layer, h][want[layer, h]] for h in range(r.num_kv_heads)])
+        np.testing.assert_array_equal(got, expect)
+    window = CacheEvictionConfig("snapkv", budget=48, options={"sink_tokens": 4, "recent_tokens": 16, "window": 8},
+                                 prefill="after")
+    other = e.fork(parent, cfg, window)  # the window's keep-set is another one (the path is really switched)
+    assert any(not np.array_equal(r.kv.read_keys(l, e.blocks.tables[other.seq_id][l], 48),
+                                  r.kv.read_keys(l, e.blocks.tables[child.seq_id][l], 48)) for l in range(r.num_layers))
+    while e.has_unfinished:
+        e.step()
+        e.blocks.check_invariants()
