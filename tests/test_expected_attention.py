@@ -45,7 +45,7 @@ def test_scores_match_the_loop_reference(covariance, value_norm):
     stats = QueryStats.empty(2, 4, 8)
     for lo, hi in ((0, 3), (3, 21), (21, 40)):
         stats = stats.add(pre_rope_rows(rope, queries[:, lo:hi], lo, skip))
-    assert stats.count == 40 - skip
+    assert stats.num_queries == 40 - skip
     scale = np.array([0.35, 0.5])
     norms = np.linalg.norm(values, axis=-1)
     ours = score(stats, rope, keys, scale, position, ExpectedOptions(future, covariance, value_norm, skip),
@@ -56,6 +56,18 @@ def test_scores_match_the_loop_reference(covariance, value_norm):
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
     if not value_norm:
         np.testing.assert_allclose(ours.sum(-1), 1.0, atol=1e-5)
+
+
+def test_statistics_do_not_depend_on_how_queries_arrive():
+    """One query at a time (decoding: rows wait, then fold 64 at a time) = one chunk of all of them."""
+    rope, _, queries, positions, *_ = _case(T=150)
+    one = QueryStats.empty(2, 4, 8).add(pre_rope_rows(rope, queries, 0, 4))
+    step = QueryStats.empty(2, 4, 8)
+    for t in range(150):
+        step = step.add(pre_rope_rows(rope, queries[:, t:t + 1], t, 4))
+    assert step.count == 128 and step.num_queries == one.num_queries == 146  # two folds, 18 rows pending
+    for a, b in zip(step.moments(), one.moments()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_layer_subset_and_covariance_changes_the_ranking():
@@ -120,7 +132,7 @@ def test_engine_statistics_match_hf_pre_rope_queries(smollm2_dir):
         engine.step()  # several prefill chunks of <= 128 tokens
     stats = engine.evictor.state(seq).query_stats
     skip = ExpectedOptions().skip_first
-    assert stats.count == len(ids) - skip
+    assert stats.num_queries == len(ids) - skip
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir("smollm2-135m"), dtype=torch.float32).eval()
     pre = {}
     hooks = [layer.self_attn.q_proj.register_forward_hook(
@@ -170,7 +182,7 @@ def test_engine_evicts_to_the_expected_attention_keep_set(tiny_llama_dir):
         e.fork(bare, cfg, ev)
     e.abort(bare.seq_id)
     st = e.evictor.state(parent).query_stats
-    assert st.count == len(ids) - ExpectedOptions().skip_first
+    assert st.num_queries == len(ids) - ExpectedOptions().skip_first
     r, T = e.runner, len(ids)
     keys = np.stack([r.kv.read_keys(l, e.blocks.tables[parent.seq_id][l], T) for l in range(r.num_layers)])
     scores = score(st, e.evictor.rope(), keys, np.array(r.softmax_scales), parent.num_computed)

@@ -327,7 +327,7 @@ class Evictor:
             window = queries.shape[1]
         # expected attention: the queries to come, from every query seen (None: the window's queries score)
         expected = plan.prefill_expected if in_prompt else plan.expected
-        stats = st.query_stats if expected and st.query_stats is not None and st.query_stats.count else None
+        stats = st.query_stats if expected and st.query_stats is not None and st.query_stats.num_queries else None
         windows = np.asarray(self.runner.sliding_windows, dtype=np.int64)
         glob = np.flatnonzero(windows == 0)  # the layers the policy decides for
         masks: list = [None] * L

@@ -24,8 +24,8 @@ loop version of the whole pipeline, for tests.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence as Seq
+from dataclasses import dataclass, replace
+from typing import ClassVar, Sequence as Seq
 
 import numpy as np
 
@@ -135,34 +135,56 @@ class Rope:
 @dataclass(frozen=True)
 class QueryStats:
     """Sums over the pre-RoPE queries seen so far: count, total [L, Hq, hd], outer [L, Hq, hd, hd]
-    (float64, so the covariance E[qq^T] - mu mu^T does not cancel to noise)."""
+    (float64, so the covariance E[qq^T] - mu mu^T does not cancel to noise), plus the newest rows not
+    folded in yet: decode steps come one query at a time, and folding each into fresh float64 sums
+    would cost more than the step's own attention."""
 
     count: int
     total: np.ndarray
     outer: np.ndarray
+    pending: tuple[np.ndarray, ...] = ()   # pre-RoPE rows [L, t, Hq, hd], oldest first
+    FOLD_ROWS: ClassVar[int] = 64          # fold once this many rows are pending
 
     @classmethod
     def empty(cls, num_layers: int, num_q_heads: int, head_size: int) -> "QueryStats":
         return cls(0, np.zeros((num_layers, num_q_heads, head_size)),
                    np.zeros((num_layers, num_q_heads, head_size, head_size)))
 
+    @property
+    def num_queries(self) -> int:
+        return self.count + sum(p.shape[1] for p in self.pending)
+
     def add(self, queries: np.ndarray) -> "QueryStats":
         """Fold in pre-RoPE queries [L, T, Hq, hd]; returns new statistics (the old stay valid)."""
         if queries.shape[1] == 0:
             return self
-        q = np.ascontiguousarray(queries.transpose(0, 2, 1, 3), dtype=np.float32)   # [L, Hq, T, hd]
+        pending = self.pending + (queries,)
+        if sum(p.shape[1] for p in pending) < self.FOLD_ROWS:
+            return replace(self, pending=pending)
+        return self._folded(pending)
+
+    def _folded(self, pending: tuple[np.ndarray, ...]) -> "QueryStats":
+        if not pending:
+            return self
+        q = np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
+        q = np.ascontiguousarray(q.transpose(0, 2, 1, 3), dtype=np.float32)          # [L, Hq, T, hd]
         return QueryStats(self.count + q.shape[2], self.total + q.sum(axis=2, dtype=np.float64),
                           self.outer + np.matmul(q.transpose(0, 1, 3, 2), q))
 
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean [L, Hq, hd] and population covariance (divide by n) [L, Hq, hd, hd], pending rows included."""
+        s = self._folded(self.pending)
+        n = max(s.count, 1)
+        mu = s.total / n
+        return mu, s.outer / n - mu[..., :, None] * mu[..., None, :]
+
     @property
     def mean(self) -> np.ndarray:
-        return self.total / max(self.count, 1)
+        return self.moments()[0]
 
     @property
     def covariance(self) -> np.ndarray:
-        """Population covariance (divide by n) [L, Hq, hd, hd]."""
-        mu = self.mean
-        return self.outer / max(self.count, 1) - mu[..., :, None] * mu[..., None, :]
+        return self.moments()[1]
 
 
 def future_moments(stats: QueryStats, rope: Rope, position: int, future: int = DEFAULT_FUTURE,
@@ -172,10 +194,11 @@ def future_moments(stats: QueryStats, rope: Rope, position: int, future: int = D
     positions position..position+future-1, for the given layers (all by default)."""
     sel = slice(None) if layers is None else layers
     R = rope.mean_rotation(position, future, layers)[:, None]                       # [L, 1, hd, hd]
-    mean = np.matmul(R, stats.mean[sel][..., None])[..., 0]
+    mu, sigma = stats.moments()
+    mean = np.matmul(R, mu[sel][..., None])[..., 0]
     if not covariance:
         return mean.astype(np.float32), None
-    cov = np.matmul(np.matmul(R, stats.covariance[sel]), np.swapaxes(R, -1, -2))
+    cov = np.matmul(np.matmul(R, sigma[sel]), np.swapaxes(R, -1, -2))
     return mean.astype(np.float32), cov.astype(np.float32)
 
 
