@@ -562,3 +562,21 @@ def test_make_policy_routing():
         make_policy("kvcrush", config=KVCrushConfig(), threshold="mean")
     assert set(KVCRUSH_BASES) <= set(POLICIES)
     assert {type(make_policy(n)) for n in POLICIES} == set(POLICIES.values())
+
+
+def test_snapkv_pool_back_keeps_what_follows_a_cue():
+    """A single well-scored cue token: centred pooling keeps its +-r neighbours; pool_back also keeps the
+    tokens after it up to r + back (through kvcrush's base too); a negative reach is refused."""
+    T, cue = 60, 20
+    s = np.full((1, 3, T), 0.01, np.float32)
+    s[0, :, cue] = 1.0
+    s += np.linspace(0, 0.001, T, dtype=np.float32)  # ties broken towards later tokens, away from the cue
+    stats = AttentionStats(s, num_kv_heads=1)
+    opts = dict(sink_tokens=0, recent_tokens=8, window=8, kernel=3)
+    plain = make_policy("snapkv", **opts).keep_mask(stats, 8 + 9)[0, 0]
+    back = make_policy("snapkv", pool_back=6, **opts).keep_mask(stats, 8 + 9)[0, 0]
+    crush = make_policy("kvcrush", pool_back=6, representative_fraction=0.0, **opts).keep_mask(stats, 8 + 9)[0, 0]
+    assert plain[cue - 1:cue + 2].all() and not plain[cue + 2:cue + 8].all()
+    assert back[cue - 1:cue + 8].all() and (crush == back).all()
+    with pytest.raises(ConfigError, match="pool_back"):
+        make_policy("snapkv", pool_back=-1)
