@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 from kvcrush_ov import CacheEvictionConfig, KVCrushError, LLMPipeline, SchedulerConfig
 from kvcrush_ov.tools.demo import demo_prompt
 from kvcrush_ov.tools.models import resolve_model_dir
+from kvcrush_ov.core.options import parse_options
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=int, default=1536)
     p.add_argument("--keys", default="48213,71946,30587", help="pass keys, one prompt each")
     p.add_argument("--depths", default="0.2,0.4,0.6")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a policy option for every evicting row, e.g. pool_back=6 (repeatable)")
+    p.add_argument("--rows", default="", help="run only the rows whose label contains one of these "
+                   "comma-separated words (e.g. 'expected,hybrid')")
     args = p.parse_args(argv)
     model_dir = resolve_model_dir(args.model)
     keys, depths = args.keys.split(","), [float(d) for d in args.depths.split(",")]
@@ -49,6 +55,19 @@ def main(argv: list[str] | None = None) -> None:
             (f"snapkv {args.budget}, memory-bounded prefill scored by a probe of the prompt's tail, "
              f"{args.num_kv_blocks} blocks", small,
              CacheEvictionConfig("snapkv", budget=args.budget, prefill_scores="probe", prefill_window=64))]
+    for policy in ("kvcrush", "snapkv"):
+        rows += [(f"{policy} {args.budget}, memory-bounded prefill scored by expected attention, "
+                  f"{args.num_kv_blocks} blocks", small,
+                  CacheEvictionConfig(policy, budget=args.budget, prefill_scores="expected", scores="expected")),
+                 (f"{policy} {args.budget}, memory-bounded prefill, hybrid: expected attention inside the prompt, "
+                  f"the window at its end, {args.num_kv_blocks} blocks", small,
+                  CacheEvictionConfig(policy, budget=args.budget, prefill_scores="expected"))]
+    if args.rows:
+        rows = [r for r in rows if any(w.strip() in r[0] for w in args.rows.split(","))]
+    if args.option:
+        extra = parse_options(args.option)
+        rows = [(f"{label} [{', '.join(args.option)}]", pool, replace(ev, options={**ev.options, **extra}))
+                if ev is not None else (label, pool, ev) for label, pool, ev in rows]
     pool_tokens = args.num_kv_blocks * 32
     print(f"model {model_dir.name}; prompts of {min(n_tokens)}-{max(n_tokens)} tokens, keys at depths "
           f"{', '.join(f'{d:.0%}' for d in depths)}; a {args.num_kv_blocks}-block pool holds {pool_tokens} tokens\n")

@@ -51,6 +51,17 @@ def test_pool_max_matches_naive(T, k, seed):
     np.testing.assert_array_equal(pool_tokens(x, k, "max"), naive)
 
 
+@SETTINGS
+@given(st.integers(1, 40), st.sampled_from([1, 3, 5]), st.integers(0, 6), st.integers(0, 2**16))
+def test_pool_reaching_back_matches_naive(T, k, back, seed):
+    """pool_back: token t pools t-r-back .. t+r, so the tokens after a well-scored one inherit its score."""
+    x = np.random.default_rng(seed).random((2, T)).astype(np.float32)
+    r = k // 2
+    for mode, red in (("max", np.max), ("avg", np.mean)):
+        naive = np.array([[red(row[max(0, t - r - back): t + r + 1]) for t in range(T)] for row in x])
+        np.testing.assert_allclose(pool_tokens(x, k, mode, back), naive, rtol=1e-6)
+
+
 def test_topk_keep_mask_by_hand():
     s = np.array([[[9, 1, 5, 3, 4, 0, 9]]], dtype=np.float32)
     m = topk_keep_mask(s, 4, sink=1, recent=1)
@@ -551,3 +562,21 @@ def test_make_policy_routing():
         make_policy("kvcrush", config=KVCrushConfig(), threshold="mean")
     assert set(KVCRUSH_BASES) <= set(POLICIES)
     assert {type(make_policy(n)) for n in POLICIES} == set(POLICIES.values())
+
+
+def test_snapkv_pool_back_keeps_what_follows_a_cue():
+    """A single well-scored cue token: centred pooling keeps its +-r neighbours; pool_back also keeps the
+    tokens after it up to r + back (through kvcrush's base too); a negative reach is refused."""
+    T, cue = 60, 20
+    s = np.full((1, 3, T), 0.01, np.float32)
+    s[0, :, cue] = 1.0
+    s += np.linspace(0, 0.001, T, dtype=np.float32)  # ties broken towards later tokens, away from the cue
+    stats = AttentionStats(s, num_kv_heads=1)
+    opts = dict(sink_tokens=0, recent_tokens=8, window=8, kernel=3)
+    plain = make_policy("snapkv", **opts).keep_mask(stats, 8 + 9)[0, 0]
+    back = make_policy("snapkv", pool_back=6, **opts).keep_mask(stats, 8 + 9)[0, 0]
+    crush = make_policy("kvcrush", pool_back=6, representative_fraction=0.0, **opts).keep_mask(stats, 8 + 9)[0, 0]
+    assert plain[cue - 1:cue + 2].all() and not plain[cue + 2:cue + 8].all()
+    assert back[cue - 1:cue + 8].all() and (crush == back).all()
+    with pytest.raises(ConfigError, match="pool_back"):
+        make_policy("snapkv", pool_back=-1)

@@ -15,7 +15,8 @@ from .policies import POLICIES, Policy, make_policy
 from .policies.defaults import ACCUMULATION_WINDOW as DEFAULT_ACCUMULATION_WINDOW
 
 PREFILL_MODES = ("auto", "after", "chunked")
-PREFILL_SCORES = ("window", "probe")
+PREFILL_SCORES = ("window", "probe", "expected")
+SCORES = ("window", "expected")
 
 
 class DefaultEviction(str, enum.Enum):
@@ -57,7 +58,15 @@ class CacheEvictionConfig:
     # Memory-bounded: what scores the compactions inside the prompt. "window": the newest queries so far;
     # "probe": the prompt's own last `window` tokens (usually the question), run alone first at their true
     # positions, so early chunks are judged by what the question will look for.
+    # "expected" (here and in `scores`): expected attention (engine/expected_attention.py), the attention the
+    # queries still to come are expected to pay, from the statistics of the queries seen so far: no question needed.
     prefill_scores: str = "window"
+    # What scores the evictions at the prompt's end and in decoding: "window" (the policy's newest queries) or
+    # "expected". prefill_scores="expected" with scores="window" = expected attention inside the prompt, the
+    # question's own window at its end.
+    scores: str = "window"
+    expected_future: int = 512  # expected attention: upcoming positions its RoPE rotation is averaged over
+    expected_value_norm: bool = False  # expected attention: weight each key by its value's norm (kvpress does)
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1:
@@ -79,6 +88,14 @@ class CacheEvictionConfig:
         if self.prefill_scores not in PREFILL_SCORES:
             raise ConfigError(f"CacheEvictionConfig.prefill_scores must be one of "
                               f"{', '.join(map(repr, PREFILL_SCORES))}, got {self.prefill_scores!r}")
+        if self.scores not in SCORES:
+            raise ConfigError(f"CacheEvictionConfig.scores must be one of {', '.join(map(repr, SCORES))}, "
+                              f"got {self.scores!r}")
+        if not isinstance(self.expected_future, int) or isinstance(self.expected_future, bool) or self.expected_future < 1:
+            raise ConfigError(f"CacheEvictionConfig.expected_future must be an integer >= 1, got {self.expected_future!r}")
+        if not isinstance(self.expected_value_norm, bool):
+            raise ConfigError(f"CacheEvictionConfig.expected_value_norm must be True or False, "
+                              f"got {self.expected_value_norm!r}")
         if self.prefill not in PREFILL_MODES:
             raise ConfigError(f"CacheEvictionConfig.prefill must be one of {', '.join(map(repr, PREFILL_MODES))}, "
                               f"got {self.prefill!r}")
@@ -106,6 +123,11 @@ class CacheEvictionConfig:
         if self.resolved_policy.score_source == "none":
             return 0
         return self.resolved_policy.window or DEFAULT_ACCUMULATION_WINDOW
+
+    @property
+    def uses_expected(self) -> bool:
+        """Whether some eviction is scored by expected attention (the engine then keeps query statistics)."""
+        return "expected" in (self.scores, self.prefill_scores)
 
     @classmethod
     def from_any(cls, config: Any, block_size: int = 32) -> "CacheEvictionConfig | None":

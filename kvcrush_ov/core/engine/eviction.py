@@ -6,6 +6,8 @@ Flow per step (called by the engine after the model ran):
   maybe_evict(seq)  when the prompt is done and the cache holds more than the budget (and later, during
                     decoding, each time it has grown a block past it): score the W queries against the
                     cached keys per head, ask the policy, move kept slots to the front, free the tail.
+Expected attention (prefill_scores / scores = "expected") instead scores with the running statistics of
+every query seen (EvictionState.query_stats, folded in by observe), so no question is needed.
 A sliding-window layer keeps its newest min(budget, window) slots whatever the policy: it cannot see
 older tokens, so no budget goes there.
 Policies see only numpy arrays (AttentionStats) and own whatever state they carry between evictions;
@@ -23,7 +25,9 @@ from threadpoolctl import ThreadpoolController
 from ..errors import ConfigError, KVCrushError
 from ..eviction_config import CacheEvictionConfig
 from ..policies import AttentionStats, Policy
+from . import expected_attention
 from .attention_scores import window_scores
+from .expected_attention import ExpectedOptions, QueryStats, Rope
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .scheduler import ScheduledChunk
@@ -46,6 +50,9 @@ class EvictionPlan:
     prefill_window: int = 0   # queries scored at those compactions (resolved by Evictor.plan)
     probe: bool = False       # score those compactions with a probe of the prompt's tail instead
     prefill: str = "after"    # the configured mode: "auto" is resolved per request by LLMEngine
+    prefill_expected: bool = False  # score those compactions with expected attention instead
+    expected: bool = False    # score the prompt-end and decoding evictions with expected attention
+    expected_options: ExpectedOptions = ExpectedOptions()
 
     @property
     def query_window(self) -> int:
@@ -58,8 +65,15 @@ class EvictionPlan:
         return "memory_bounded" if self.during_prefill else "after_prompt"
 
     def bounded(self, during_prefill: bool) -> "EvictionPlan":
-        """This plan with its prefill mode decided (a probe only serves memory-bounded prefill)."""
-        return replace(self, during_prefill=during_prefill, probe=self.probe and during_prefill)
+        """This plan with its prefill mode decided (a probe, or expected attention inside the prompt, only
+        serves memory-bounded prefill)."""
+        return replace(self, during_prefill=during_prefill, probe=self.probe and during_prefill,
+                       prefill_expected=self.prefill_expected and during_prefill)
+
+    @property
+    def query_stats(self) -> bool:
+        """Whether a sequence with this plan keeps running query statistics (expected attention)."""
+        return self.expected or (self.prefill_expected and self.during_prefill)
 
 
 @dataclass
@@ -70,6 +84,7 @@ class EvictionState:
     policy_state: Any = None                # what the policy carries between evictions (H2O: its sums)
     targets: np.ndarray | None = None       # [L] slots each layer keeps, set by the first eviction
     scored_prompt_end: bool = False         # an eviction has used the window at the prompt's end
+    query_stats: QueryStats | None = None   # pre-RoPE query statistics (immutable: a fork may share them)
 
     def copy(self) -> "EvictionState":
         return replace(self, queries=None if self.queries is None else self.queries.copy())
@@ -98,6 +113,7 @@ class Evictor:
         self.stats = EvictionStats()
         self._states: dict[int, EvictionState] = {}
         self._probes: dict[int, np.ndarray] = {}  # seq_id -> [L, W, Hq, hd] queries of its prompt's tail
+        self._rope: Rope | None = None  # the model's RoPE, built when a plan first needs query statistics
 
     def plan(self, config: CacheEvictionConfig) -> EvictionPlan:
         """Validate a config against this engine (pool, context, cache precision) and resolve it."""
@@ -119,9 +135,15 @@ class Evictor:
                             during_prefill=config.prefill == "chunked" and policy.name != "full",
                             prefill_chunk=chunk if bounded else 0,
                             prefill_window=(config.prefill_window or window) if window else 0,
-                            probe=bounded and config.prefill_scores == "probe" and window > 0, prefill=config.prefill)
+                            probe=bounded and config.prefill_scores == "probe" and window > 0, prefill=config.prefill,
+                            prefill_expected=bounded and config.prefill_scores == "expected" and window > 0,
+                            expected=config.scores == "expected" and window > 0,
+                            expected_options=ExpectedOptions(config.expected_future,
+                                                             value_norm=config.expected_value_norm))
         if plan.during_prefill and not plan.prefill_chunk:
             raise self.no_chunk_error(plan)
+        if plan.expected or plan.prefill_expected:
+            self.rope()
         if self.runner.max_position and plan.budget > self.runner.max_position:
             raise ConfigError(f"eviction budget {plan.budget} exceeds the model's context ({self.runner.max_position} "
                               f"tokens); use a budget below it")
@@ -143,6 +165,17 @@ class Evictor:
         return ConfigError(f"eviction budget {plan.budget} leaves no room for a prompt chunk in a KV pool of "
                            f"{pool} tokens: budget + one chunk + one block ({bs}) must fit; use a budget of at "
                            f"most {pool - 2 * bs} or a larger pool")
+
+    def rope(self) -> Rope:
+        """The model's RoPE (from config.json), to take it out of the exposed queries."""
+        if self._rope is None:
+            r = self.runner
+            try:
+                self._rope = Rope.from_config(r.hf_config, r.num_layers, r.head_size, r.sliding_windows)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"expected attention needs the model's RoPE from config.json: {e}; use "
+                                  f"prefill_scores/scores 'window'") from None
+        return self._rope
 
     # -- the state it owns ---------------------------------------------------------------------------
     def state(self, seq: Sequence) -> EvictionState:
@@ -181,12 +214,15 @@ class Evictor:
         for c in chunks:
             end = begin + c.num_tokens
             window = c.seq.query_window
-            if window:
+            if window or c.seq.query_stats:
                 if per_layer is None:
                     per_layer = [self.runner.queries(layer) for layer in range(self.runner.num_layers)]
-                rows = np.stack([q[max(begin, end - window):end] for q in per_layer])  # [L, r, Hq, hd]
                 st = self.state(c.seq)
+            if window:
+                rows = np.stack([q[max(begin, end - window):end] for q in per_layer])  # [L, r, Hq, hd]
                 st.queries = rows if st.queries is None else np.concatenate([st.queries, rows], axis=1)[:, -window:]
+            if c.seq.query_stats:  # every query of the chunk, RoPE taken out, into the running sums
+                self._observe_stats(c, st, np.stack([q[begin:end] for q in per_layer]))
             begin = end
 
     def is_due(self, seq: Sequence) -> bool:
@@ -205,6 +241,16 @@ class Evictor:
             return bool((lens > st.targets).any())
         # a block's worth past its target in any layer
         return plan.during_decode and bool((lens >= st.targets + self.runner.block_size).any())
+
+    def _observe_stats(self, chunk: ScheduledChunk, st: EvictionState, queries: np.ndarray) -> None:
+        seq = chunk.seq
+        opts = seq.eviction.expected_options if seq.eviction is not None else ExpectedOptions()
+        if st.query_stats is None:
+            st.query_stats = QueryStats.empty(self.runner.num_layers, self.runner.num_q_heads, self.runner.head_size)
+        first = seq.num_computed + seq.position_offset  # observe runs before the scheduler advances num_computed
+        with _BLAS.limit(limits=1, user_api="blas"):
+            st.query_stats = st.query_stats.add(expected_attention.pre_rope_rows(self.rope(), queries, first,
+                                                                                 opts.skip_first))
 
     def maybe_evict(self, seq: Sequence) -> bool:
         """Evict if the sequence has outgrown its budget: during a chunked prefill each time it holds
@@ -236,10 +282,13 @@ class Evictor:
 
     # -- one eviction ------------------------------------------------------------------------------
     def _scores(self, seq: Sequence, window: int, queries: np.ndarray, num_slots: int,
-                layers: np.ndarray, causal: bool = True) -> np.ndarray:
+                layers: np.ndarray, causal: bool = True, stats: QueryStats | None = None) -> np.ndarray:
         """[len(layers), Hq, num_slots] for layers that all hold num_slots slots, scored a group of layers
-        per numpy call (a few calls per eviction instead of one per layer; the group bounds the temporaries)."""
+        per numpy call (a few calls per eviction instead of one per layer; the group bounds the temporaries).
+        With stats: expected attention from the next position on, instead of the window's queries."""
         L = len(layers)
+        if stats is not None:
+            return self._expected_scores(seq, stats, num_slots, layers)
         if not window:
             return np.zeros((L, self.runner.num_q_heads, num_slots), np.float32)
         tables = self.blocks.tables[seq.seq_id]
@@ -256,9 +305,27 @@ class Evictor:
                                        windows[lo:hi], causal)
         return out
 
+    def _expected_scores(self, seq: Sequence, stats: QueryStats, num_slots: int, layers: np.ndarray) -> np.ndarray:
+        """[len(layers), Hq, num_slots]: expected attention of the queries to come, a group of layers at a time."""
+        opts, tables = seq.eviction.expected_options, self.blocks.tables[seq.seq_id]
+        scales = np.asarray(self.runner.softmax_scales, dtype=np.float32)
+        position = seq.num_computed + seq.position_offset
+        group = max(1, (1 << 15) // max(num_slots, 1))
+        out = np.empty((len(layers), self.runner.num_q_heads, num_slots), np.float32)
+        for lo in range(0, len(layers), group):
+            sel = layers[lo:lo + group]
+            keys = np.stack([self.runner.kv.read_keys(int(l), tables[l], num_slots) for l in sel])
+            norms = (np.stack([np.linalg.norm(self.runner.kv.read_values(int(l), tables[l], num_slots), axis=-1)
+                               for l in sel]) if opts.value_norm else None)
+            out[lo:lo + len(sel)] = expected_attention.score(stats, self.rope(), keys, scales[sel], position, opts,
+                                                             sel, norms)
+        return out
+
     def _layer_scores(self, seq: Sequence, window: int, queries: np.ndarray, layer: int,
-                      num_slots: int, causal: bool = True) -> np.ndarray:
+                      num_slots: int, causal: bool = True, stats: QueryStats | None = None) -> np.ndarray:
         """[Hq, num_slots]: the attention the newest W queries gave each slot, per query head."""
+        if stats is not None:
+            return self._expected_scores(seq, stats, num_slots, np.array([layer]))[0]
         if not window:
             return np.zeros((self.runner.num_q_heads, num_slots), np.float32)
         keys = self.runner.kv.read_keys(layer, self.blocks.tables[seq.seq_id][layer], num_slots)
@@ -275,6 +342,9 @@ class Evictor:
         if in_prompt and plan.probe and seq.seq_id in self._probes:  # the question's view, from the future
             queries, causal = self._probes[seq.seq_id], False
             window = queries.shape[1]
+        # expected attention: the queries to come, from every query seen (None: the window's queries score)
+        expected = plan.prefill_expected if in_prompt else plan.expected
+        stats = st.query_stats if expected and st.query_stats is not None and st.query_stats.num_queries else None
         windows = np.asarray(self.runner.sliding_windows, dtype=np.int64)
         glob = np.flatnonzero(windows == 0)  # the layers the policy decides for
         masks: list = [None] * L
@@ -285,7 +355,7 @@ class Evictor:
             masks[layer] = _newest(hkv, int(lens[layer]), int(min(budgets[layer], windows[layer], lens[layer])))
         uneven = bool(glob.size) and bool(np.ptp(lens[glob]))  # global layers only: sliding layers do not count
         if glob.size and not uneven:  # all global layers alike: one policy call over them
-            scores = self._scores(seq, window, queries, int(lens[glob[0]]), glob, causal)
+            scores = self._scores(seq, window, queries, int(lens[glob[0]]), glob, causal, stats)
             st.policy_state, ranked = policy.update(st.policy_state, scores)
             for layer, mask in zip(glob, policy.keep_mask(AttentionStats(ranked, hkv), plan.budget)):
                 masks[layer] = mask
@@ -295,7 +365,7 @@ class Evictor:
                                   f"per-layer budgets")
             for layer in glob:
                 masks[layer] = policy.keep_mask(AttentionStats(
-                    self._layer_scores(seq, window, queries, layer, int(lens[layer]), causal)[None], hkv),
+                    self._layer_scores(seq, window, queries, layer, int(lens[layer]), causal, stats)[None], hkv),
                     int(st.targets[layer]))[0]
         counts = [m.sum(axis=-1) for m in masks]  # [Hkv] per layer
         for layer, c in enumerate(counts):

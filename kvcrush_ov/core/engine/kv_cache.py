@@ -109,12 +109,19 @@ class KVCache:
 
     def read_keys(self, layer: int, table: list[int], num_slots: int) -> np.ndarray:
         """Keys of slots 0..num_slots-1 of one sequence, f32 [Hkv, num_slots, hd]."""
+        return self._read(self.keys[layer], table, num_slots, self.layout.keys_by_channel)
+
+    def read_values(self, layer: int, table: list[int], num_slots: int) -> np.ndarray:
+        """Values of slots 0..num_slots-1 of one sequence, f32 [Hkv, num_slots, hd] (quantized by token)."""
+        return self._read(self.values[layer], table, num_slots, False)
+
+    def _read(self, pool: np.ndarray, table: list[int], num_slots: int, by_channel: bool) -> np.ndarray:
         if self.layout.precision not in KV_PRECISIONS or (
                 self.layout.precision == "u4" and self.layout.keys_by_channel):
             raise ConfigError(f"per-head scoring reads f32/f16/bf16/u8 caches and u4 by token, not "
                               f"{self.layout.precision}; set SchedulerConfig(kv_cache_precision='u8' or 'f16')")
         blocks = np.asarray(table[: -(-num_slots // self.layout.block_size)], dtype=np.int64)
-        k = self.keys[layer][blocks]                       # [nb, Hkv, bs(+8), hd(+8)]
+        k = pool[blocks]                                   # [nb, Hkv, bs(+8), hd(+8)]
         if self.layout.precision in FLOAT_KV_PRECISIONS:  # convert while transposing: one pass, no temporaries
             nb, hkv, bs, hd = k.shape
             out = np.empty((hkv, nb, bs, hd), np.float32)
@@ -123,7 +130,7 @@ class KVCache:
             else:
                 out[...] = k.transpose(1, 0, 2, 3)
             return out.reshape(hkv, nb * bs, hd)[:, :num_slots]
-        k = _dequantize_by_channel(k) if self.layout.keys_by_channel else _to_f32(k, self.layout.precision)
+        k = _dequantize_by_channel(k) if by_channel else _to_f32(k, self.layout.precision)
         return k.transpose(1, 0, 2, 3).reshape(k.shape[1], -1, k.shape[3])[:, :num_slots]
 
     def compact(self, layer: int, table: list[int], keep: np.ndarray) -> list[int]:

@@ -100,11 +100,12 @@ class LLMEngine:
     def add_request(self, prompt_ids: list[int] | np.ndarray, config: GenerationConfig,
                     streamer: Callable[[str], Any] | None = None, eviction: RequestEviction = DEFAULT_EVICTION, *,
                     query_window: int = 0, token_source: TokenSource | None = None,
-                    logits_observer: LogitsObserver | None = None) -> Sequence:
+                    logits_observer: LogitsObserver | None = None, query_stats: bool = False) -> Sequence:
         """eviction: DEFAULT_EVICTION ("default": the scheduler config's), None (full cache) or a CacheEvictionConfig.
 
         query_window: keep this many newest queries even if this request never evicts, because forks
-        of it will (fan-out of one prefill to several policies). token_source / logits_observer: see
+        of it will (fan-out of one prefill to several policies); query_stats: likewise keep the running query
+        statistics forks scored by expected attention need. token_source / logits_observer: see
         sequence.py (a caller's hooks, e.g. to replay a known continuation and measure it)."""
         try:
             arr = np.asarray(prompt_ids)
@@ -130,7 +131,8 @@ class LLMEngine:
         eos = frozenset({config.eos_token_id}) if config.eos_token_id >= 0 else self.eos_token_ids
         seq = Sequence(next(self._ids), ids, len(ids), config, eos_token_ids=eos, streamer=streamer,
                        arrival=time.perf_counter(), eviction=plan, query_window=self._query_window(plan, query_window),
-                       token_source=token_source, logits_observer=logits_observer)
+                       token_source=token_source, logits_observer=logits_observer,
+                       query_stats=query_stats or (plan is not None and plan.query_stats))
         if plan is not None and plan.probe and len(ids) > plan.budget + plan.prefill_chunk:
             self._add_probe(seq)
         self.sequences[seq.seq_id] = seq
@@ -217,11 +219,15 @@ class LLMEngine:
         if plan is not None and plan.window > parent.query_window:
             raise KVCrushError(f"the fork scores {plan.window} queries but the parent kept {parent.query_window}; "
                                f"add the parent with query_window >= {plan.window}")
+        if plan is not None and plan.query_stats and not parent.query_stats:
+            raise KVCrushError("the fork scores with expected attention but the parent kept no query statistics; "
+                               "add the parent with query_stats=True")
         self._check_fits(parent.num_prompt_tokens, config, plan)
         child = Sequence(next(self._ids), list(parent.token_ids), parent.num_prompt_tokens, config,
                          eos_token_ids=parent.eos_token_ids, arrival=time.perf_counter(), status=Status.RUNNING,
                          num_computed=parent.num_computed, eviction=plan,
                          query_window=max(plan.query_window if plan is not None else 0, parent.query_window),
+                         query_stats=parent.query_stats,
                          token_source=token_source, logits_observer=logits_observer,
                          first_token_time=parent.first_token_time,
                          cumulative_logprob=parent.cumulative_logprob)

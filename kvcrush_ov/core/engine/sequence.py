@@ -56,6 +56,7 @@ class Sequence:
     streamer: Callable[[str], Any] | None = None
     eviction: Any = None           # EvictionPlan or None (full cache); fixed for the request's life
     query_window: int = 0          # newest queries kept for scoring: the plan's window, or what forks need
+    query_stats: bool = False      # keep running query statistics (expected attention): the plan's, or forks'
     position_offset: int = 0       # true position of token_ids[0] (a probe of a prompt's tail runs at its place)
     token_source: TokenSource | None = None
     logits_observer: LogitsObserver | None = None

@@ -145,26 +145,26 @@ def _sliding_max(x: np.ndarray, k: int) -> np.ndarray:
     return x
 
 
-def pool_tokens(x: np.ndarray, kernel: int, mode: str = "max") -> np.ndarray:
-    """Centred 1-D pooling over the last (token) axis, same length out.
+def pool_tokens(x: np.ndarray, kernel: int, mode: str = "max", back: int = 0) -> np.ndarray:
+    """1-D pooling over the last (token) axis, same length out: token t pools t-r-back .. t+r (r = kernel//2).
 
     SnapKV pools so that a kept token brings its neighbours' evidence: an answer spans several
-    tokens, and keeping one of them alone is useless. Edges use only the real neighbours."""
-    if kernel <= 1 or mode == "none" or x.shape[-1] == 0:
+    tokens, and keeping one of them alone is useless. `back` reaches further into the past, so the
+    tokens FOLLOWING a well-scored one are kept too (a fact's value follows its cue: "pass key is 4 8 2 1 3").
+    Edges use only the real neighbours."""
+    if (kernel <= 1 and not back) or mode == "none" or x.shape[-1] == 0:
         return x
     r = kernel // 2
     lead = x.shape[:-1]
     if mode == "max":
-        pad = np.full(lead + (r,), -np.inf, dtype=x.dtype)
-        return _sliding_max(np.concatenate([pad, x, pad], axis=-1), 2 * r + 1)
+        left, right = np.full(lead + (r + back,), -np.inf, dtype=x.dtype), np.full(lead + (r,), -np.inf, dtype=x.dtype)
+        return _sliding_max(np.concatenate([left, x, right], axis=-1), 2 * r + 1 + back)
     if mode == "avg":
-        z = np.zeros(lead + (r + 1,), dtype=np.float64)
-        c = np.cumsum(np.concatenate([z, x.astype(np.float64), z[..., :r]], axis=-1), axis=-1)
         T = x.shape[-1]
-        sums = c[..., 2 * r + 1:] - c[..., : T]
+        c = np.concatenate([np.zeros(lead + (1,)), np.cumsum(x.astype(np.float64), axis=-1)], axis=-1)
         t = np.arange(T)
-        counts = np.minimum(t + r, T - 1) - np.maximum(t - r, 0) + 1
-        return (sums / counts).astype(x.dtype)
+        lo, hi = np.maximum(t - r - back, 0), np.minimum(t + r, T - 1)
+        return ((c[..., hi + 1] - c[..., lo]) / (hi - lo + 1)).astype(x.dtype)
     raise ConfigError(f"pooling must be one of {', '.join(map(repr, POOLINGS))}, got {mode!r}")
 
 

@@ -12,7 +12,7 @@ from kvcrush_ov.core.errors import ConfigError
 from kvcrush_ov.core.policies.defaults import POOL_KERNEL, SNAPKV_WINDOW
 from kvcrush_ov.core.policies.base import (DEFAULT_RECENT_TOKENS, DEFAULT_SINK_TOKENS, HEAD_REDUCTIONS,
                                       POOLINGS, AttentionStats, Policy, is_int, pool_tokens,
-                                      require_choice, require_odd_kernel)
+                                      require_choice, require_int, require_odd_kernel)
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class SnapKV(Policy):
     pool: str = "max"
     kernel: int = POOL_KERNEL
     head_reduce: str = "mean"
+    pool_back: int = 0  # the pooling window also reaches this many tokens further back (keeps what follows a cue)
 
     def __post_init__(self) -> None:
         self._check_protected()
@@ -45,6 +46,7 @@ class SnapKV(Policy):
         require_choice(self.name, "pool", self.pool, POOLINGS)
         require_odd_kernel(self.name, self.kernel)
         require_choice(self.name, "head_reduce", self.head_reduce, HEAD_REDUCTIONS)
+        require_int(self.name, "pool_back", self.pool_back, lo=0)
 
     def score(self, stats: AttentionStats) -> np.ndarray:
-        return pool_tokens(stats.kv_scores(self.head_reduce), self.kernel, self.pool)
+        return pool_tokens(stats.kv_scores(self.head_reduce), self.kernel, self.pool, self.pool_back)

@@ -28,7 +28,9 @@ from ...core.engine.stopping import final_text
 from ...core.errors import ConfigError
 from ...core.eviction_config import PREFILL_MODES, CacheEvictionConfig
 
-PREFILL_OPTIONS = ("prefill", "prefill_chunk", "prefill_window", "prefill_scores")  # eval variants may set them
+# eval variants may set them
+PREFILL_OPTIONS = ("prefill", "prefill_chunk", "prefill_window", "prefill_scores", "scores", "expected_future",
+                   "expected_value_norm")
 from ...core.options import parse_policy_spec as parse_policy
 from ...core.policies import POLICIES, defaults, make_policy
 from .metrics import exact_match_rate, mean_and_ci, rouge_l, score
@@ -159,7 +161,8 @@ class Runner:
         parent, t_prefill = None, 0.0
         if has_full:
             parent = engine.add_request(ids, cfg, eviction=None, logits_observer=reference.observe,
-                                        query_window=max([ev.window for _, ev, _ in forked.values()], default=0))
+                                        query_window=max([ev.window for _, ev, _ in forked.values()], default=0),
+                                        query_stats=any(ev.uses_expected for _, ev, _ in forked.values()))
             while parent.num_generated == 0 and not parent.is_finished:
                 engine.step()
             t_prefill = time.perf_counter() - t0
