@@ -40,7 +40,7 @@ def main(kind: str) -> None:
     K = np.stack([r.kv.read_keys(l, table[l], N + F) for l in range(L)])
     V = np.stack([r.kv.read_values(l, table[l], N + F) for l in range(L)])
     scales = np.array(r.softmax_scales, np.float32)
-    rope = e.evictor.rope()
+    rope = e.evictor.scorer.rope()
 
     def kv(x: np.ndarray) -> np.ndarray:  # per KV head: mean over its query heads
         return x.reshape(L, hkv, -1, x.shape[-1]).mean(axis=2)

@@ -185,7 +185,7 @@ def test_engine_evicts_to_the_expected_attention_keep_set(tiny_llama_dir):
     assert st.num_queries == len(ids) - ExpectedOptions().skip_first
     r, T = e.runner, len(ids)
     keys = np.stack([r.kv.read_keys(l, e.blocks.tables[parent.seq_id][l], T) for l in range(r.num_layers)])
-    scores = score(st, e.evictor.rope(), keys, np.array(r.softmax_scales), parent.num_computed)
+    scores = score(st, e.evictor.scorer.rope(), keys, np.array(r.softmax_scales), parent.num_computed)
     policy = ev.resolved_policy
     want = policy.keep_mask(AttentionStats(scores, r.num_kv_heads), 48)             # [L, Hkv, T]
     child = e.fork(parent, cfg, ev)

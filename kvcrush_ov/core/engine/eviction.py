@@ -25,12 +25,11 @@ from threadpoolctl import ThreadpoolController
 from ..errors import ConfigError, KVCrushError
 from ..eviction_config import CacheEvictionConfig
 from ..policies import AttentionStats, Policy
-from . import expected_attention
-from .attention_scores import window_scores
-from .expected_attention import ExpectedOptions, QueryStats, Rope
+from .expected_attention import ExpectedOptions, QueryStats
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .scheduler import ScheduledChunk
+from .scorer import Scorer
 from .sequence import Sequence
 
 
@@ -113,7 +112,7 @@ class Evictor:
         self.stats = EvictionStats()
         self._states: dict[int, EvictionState] = {}
         self._probes: dict[int, np.ndarray] = {}  # seq_id -> [L, W, Hq, hd] queries of its prompt's tail
-        self._rope: Rope | None = None  # the model's RoPE, built when a plan first needs query statistics
+        self.scorer = Scorer(runner)  # per-head scores: the window's queries, or expected attention
 
     def plan(self, config: CacheEvictionConfig) -> EvictionPlan:
         """Validate a config against this engine (pool, context, cache precision) and resolve it."""
@@ -143,7 +142,7 @@ class Evictor:
         if plan.during_prefill and not plan.prefill_chunk:
             raise self.no_chunk_error(plan)
         if plan.expected or plan.prefill_expected:
-            self.rope()
+            self.scorer.rope()  # a model without a usable RoPE fails here, with the config, not mid-run
         if self.runner.max_position and plan.budget > self.runner.max_position:
             raise ConfigError(f"eviction budget {plan.budget} exceeds the model's context ({self.runner.max_position} "
                               f"tokens); use a budget below it")
@@ -165,17 +164,6 @@ class Evictor:
         return ConfigError(f"eviction budget {plan.budget} leaves no room for a prompt chunk in a KV pool of "
                            f"{pool} tokens: budget + one chunk + one block ({bs}) must fit; use a budget of at "
                            f"most {pool - 2 * bs} or a larger pool")
-
-    def rope(self) -> Rope:
-        """The model's RoPE (from config.json), to take it out of the exposed queries."""
-        if self._rope is None:
-            r = self.runner
-            try:
-                self._rope = Rope.from_config(r.hf_config, r.num_layers, r.head_size, r.sliding_windows)
-            except (ValueError, KeyError, TypeError) as e:
-                raise ConfigError(f"expected attention needs the model's RoPE from config.json: {e}; use "
-                                  f"prefill_scores/scores 'window'") from None
-        return self._rope
 
     # -- the state it owns ---------------------------------------------------------------------------
     def state(self, seq: Sequence) -> EvictionState:
@@ -245,12 +233,9 @@ class Evictor:
     def _observe_stats(self, chunk: ScheduledChunk, st: EvictionState, queries: np.ndarray) -> None:
         seq = chunk.seq
         opts = seq.eviction.expected_options if seq.eviction is not None else ExpectedOptions()
-        if st.query_stats is None:
-            st.query_stats = QueryStats.empty(self.runner.num_layers, self.runner.num_q_heads, self.runner.head_size)
         first = seq.num_computed + seq.position_offset  # observe runs before the scheduler advances num_computed
         with _BLAS.limit(limits=1, user_api="blas"):
-            st.query_stats = st.query_stats.add(expected_attention.pre_rope_rows(self.rope(), queries, first,
-                                                                                 opts.skip_first))
+            st.query_stats = self.scorer.add_queries(st.query_stats, queries, first, opts)
 
     def maybe_evict(self, seq: Sequence) -> bool:
         """Evict if the sequence has outgrown its budget: during a chunked prefill each time it holds
@@ -283,54 +268,15 @@ class Evictor:
     # -- one eviction ------------------------------------------------------------------------------
     def _scores(self, seq: Sequence, window: int, queries: np.ndarray, num_slots: int,
                 layers: np.ndarray, causal: bool = True, stats: QueryStats | None = None) -> np.ndarray:
-        """[len(layers), Hq, num_slots] for layers that all hold num_slots slots, scored a group of layers
-        per numpy call (a few calls per eviction instead of one per layer; the group bounds the temporaries).
-        With stats: expected attention from the next position on, instead of the window's queries."""
-        L = len(layers)
-        if stats is not None:
-            return self._expected_scores(seq, stats, num_slots, layers)
-        if not window:
-            return np.zeros((L, self.runner.num_q_heads, num_slots), np.float32)
+        """[len(layers), Hq, num_slots] for layers that all hold num_slots slots: expected attention from
+        the next position on with stats, else the attention of the newest `window` queries."""
         tables = self.blocks.tables[seq.seq_id]
-        scales = np.asarray(self.runner.softmax_scales, dtype=np.float32)[layers]
-        windows = np.asarray(self.runner.sliding_windows, dtype=np.int64)[layers]
-        group = max(1, (1 << 15) // max(num_slots, 1))
-        out = np.empty((L, self.runner.num_q_heads, num_slots), np.float32)
-        keys = np.empty((min(group, L), self.runner.num_kv_heads, num_slots, self.runner.head_size), np.float32)
-        for lo in range(0, L, group):
-            hi = min(L, lo + group)
-            for i, layer in enumerate(layers[lo:hi]):
-                keys[i] = self.runner.kv.read_keys(layer, tables[layer], num_slots)
-            out[lo:hi] = window_scores(queries[layers[lo:hi], -window:], keys[:hi - lo], scales[lo:hi],
-                                       windows[lo:hi], causal)
-        return out
-
-    def _expected_scores(self, seq: Sequence, stats: QueryStats, num_slots: int, layers: np.ndarray) -> np.ndarray:
-        """[len(layers), Hq, num_slots]: expected attention of the queries to come, a group of layers at a time."""
-        opts, tables = seq.eviction.expected_options, self.blocks.tables[seq.seq_id]
-        scales = np.asarray(self.runner.softmax_scales, dtype=np.float32)
-        position = seq.num_computed + seq.position_offset
-        group = max(1, (1 << 15) // max(num_slots, 1))
-        out = np.empty((len(layers), self.runner.num_q_heads, num_slots), np.float32)
-        for lo in range(0, len(layers), group):
-            sel = layers[lo:lo + group]
-            keys = np.stack([self.runner.kv.read_keys(int(l), tables[l], num_slots) for l in sel])
-            norms = (np.stack([np.linalg.norm(self.runner.kv.read_values(int(l), tables[l], num_slots), axis=-1)
-                               for l in sel]) if opts.value_norm else None)
-            out[lo:lo + len(sel)] = expected_attention.score(stats, self.rope(), keys, scales[sel], position, opts,
-                                                             sel, norms)
-        return out
-
-    def _layer_scores(self, seq: Sequence, window: int, queries: np.ndarray, layer: int,
-                      num_slots: int, causal: bool = True, stats: QueryStats | None = None) -> np.ndarray:
-        """[Hq, num_slots]: the attention the newest W queries gave each slot, per query head."""
         if stats is not None:
-            return self._expected_scores(seq, stats, num_slots, np.array([layer]))[0]
+            return self.scorer.expected(tables, stats, seq.eviction.expected_options,
+                                        seq.num_computed + seq.position_offset, num_slots, layers)
         if not window:
-            return np.zeros((self.runner.num_q_heads, num_slots), np.float32)
-        keys = self.runner.kv.read_keys(layer, self.blocks.tables[seq.seq_id][layer], num_slots)
-        return window_scores(queries[layer, -window:], keys, self.runner.softmax_scales[layer],
-                             self.runner.sliding_windows[layer], causal)
+            return np.zeros((len(layers), self.runner.num_q_heads, num_slots), np.float32)
+        return self.scorer.window(tables, queries[:, -window:], num_slots, layers, causal)
 
     def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray) -> int:
         """Compact the sequence to the policy's keep-sets; return the tokens evicted per layer (mean)."""
@@ -365,7 +311,7 @@ class Evictor:
                                   f"per-layer budgets")
             for layer in glob:
                 masks[layer] = policy.keep_mask(AttentionStats(
-                    self._layer_scores(seq, window, queries, layer, int(lens[layer]), causal, stats)[None], hkv),
+                    self._scores(seq, window, queries, int(lens[layer]), np.array([layer]), causal, stats), hkv),
                     int(st.targets[layer]))[0]
         counts = [m.sum(axis=-1) for m in masks]  # [Hkv] per layer
         for layer, c in enumerate(counts):
