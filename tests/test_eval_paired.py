@@ -7,7 +7,8 @@ import pytest
 
 from kvcrush_ov.core.errors import ConfigError
 from kvcrush_ov.tools.eval.paired import excludes_zero, paired_bootstrap, paired_differences
-from kvcrush_ov.tools.eval.runner import EvalConfig, report_markdown, summarize
+from kvcrush_ov.tools.eval.report import report_markdown, summarize
+from kvcrush_ov.tools.eval.runner import EvalConfig
 
 
 def row(policy, sid, score, rouge=50.0, kl=0.1, budget=0.25, precision="bf16"):
