@@ -154,7 +154,7 @@ def test_tokenizer_checks_catch_the_broken_smollm2_conversion():
 
 
 @pytest.mark.model
-def test_prepare_gguf_smollm2_rebuilds_tokenizer_and_answers(smollm2_dir):
+def test_prepare_gguf_smollm2_rebuilds_tokenizer_and_answers(smollm2_dir, tmp_path):
     gguf = models.smollm2_gguf_path()
     out = models.prepare_gguf(gguf, name="smollm2-135m-from-gguf")
     assert out == models.default_cache_dir() / "models" / "smollm2-135m-from-gguf-fp16"
@@ -168,6 +168,15 @@ def test_prepare_gguf_smollm2_rebuilds_tokenizer_and_answers(smollm2_dir):
     text = "What is the capital of France? 12345 naïve"
     assert kvcrush_ov.Tokenizer(out).encode(text) == kvcrush_ov.Tokenizer(smollm2_dir).encode(text)
     assert models.prepare_gguf(gguf, name="smollm2-135m-from-gguf") == out  # cache hit
+    import os
+    import shutil
+    copy = tmp_path / "another-venv" / gguf.name  # the same package in another checkout's virtual environment
+    copy.parent.mkdir()
+    try:
+        os.link(gguf, copy)
+    except OSError:
+        shutil.copyfile(gguf, copy)
+    assert models.prepare_gguf(copy, name="smollm2-135m-from-gguf") == out
     other = out.parent / "other.gguf"
     try:
         other.write_bytes(b"GGUF\x03\x00\x00\x00")

@@ -87,7 +87,7 @@ CHUNKED: dict[str, ChunkedGGUF] = {
 }
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while buf := f.read(1 << 23):
@@ -101,7 +101,7 @@ def chunked_gguf_path(name: str, cache_dir: Path | None = None) -> Path:
     spec = CHUNKED[name]
     parts = spec.part_paths()
     target = Path(cache_dir or default_cache_dir()) / "gguf" / spec.file_name
-    if target.is_file() and target.stat().st_size == spec.size and _sha256(target) == spec.sha256:
+    if target.is_file() and target.stat().st_size == spec.size and file_sha256(target) == spec.sha256:
         return target
     total = sum(p.stat().st_size for p in parts)
     if total != spec.size:
@@ -207,7 +207,8 @@ def build_hf_from_gguf(gguf_path: Path, out: Path, label: str) -> dict:
         tokenizer.save_pretrained(out)
         generation_config(ids).save_pretrained(out)  # only bos/eos/pad, nothing inherited
     st = gguf_path.stat()
-    return {"name": label, "source": str(gguf_path), "source_size": st.st_size, "architecture": arch,
+    return {"name": label, "source": str(gguf_path), "source_size": st.st_size,
+            "source_sha256": file_sha256(gguf_path), "architecture": arch,
             "tokenizer": how, "chat_template": bool(getattr(tokenizer, "chat_template", None)), **ids}
 
 

@@ -214,9 +214,9 @@ def prepare_gguf(gguf_file: str | Path, name: str | None = None, weight_format: 
     root = Path(cache_dir or default_cache_dir())
     src, out = root / "hf" / name, root / "models" / f"{name}-{weight_format}"
     if not force and is_prepared(src):
-        recorded = _marker(src).get("source")
-        if recorded != str(path):
-            raise ConfigError(f"{name!r} was prepared from {recorded}: choose another --name, or --force")
+        marker = _marker(src)
+        if not _same_source(marker, path):
+            raise ConfigError(f"{name!r} was prepared from {marker.get('source')}: choose another --name, or --force")
         if is_prepared(out):
             return out
     if force or not is_prepared(src):
@@ -224,6 +224,17 @@ def prepare_gguf(gguf_file: str | Path, name: str | None = None, weight_format: 
                          force=force)
     _export(src, out, name, weight_format, force, chat_check=True, expect=None)
     return out
+
+
+def _same_source(marker: dict, path: Path) -> bool:
+    """Whether a build came from this file: the same path, or a copy of it (same name, size and sha256),
+    e.g. the same package installed in another virtual environment (a fresh checkout's .venv)."""
+    if marker.get("source") == str(path):
+        return True
+    if Path(str(marker.get("source", ""))).name != path.name or marker.get("source_size") != path.stat().st_size:
+        return False
+    recorded = marker.get("source_sha256")  # builds made before it was recorded: name and size decide
+    return recorded is None or recorded == gguf_models.file_sha256(path)
 
 
 def _marker(d: Path) -> dict:
