@@ -139,7 +139,7 @@ class Runner:
         engine, cfg = self.engine, GenerationConfig(max_new_tokens=sample.max_new_tokens,
                                                     eos_token_id=self.tokenizer.eos_token_id)
         t0 = time.perf_counter()
-        plans = {}  # (policy spec, budget) -> (tokens, CacheEvictionConfig, its path)
+        plans = {}  # (policy spec, budget) -> (tokens, CacheEvictionConfig, its EvictionPlan for this prompt)
         for policy in self.config.policies:
             name, options, eviction = self._spec(policy)
             if name in NATIVE or name == "full":
@@ -147,16 +147,16 @@ class Runner:
             for budget in self.config.budgets:
                 tokens = self._tokens(budget, len(ids), make_policy(name, **options).protected_tokens)
                 ev = CacheEvictionConfig(name, budget=tokens, options=options, **eviction)
-                plans[(policy, budget)] = (tokens, ev, engine.plan_for(len(ids), cfg, ev).path)
+                plans[(policy, budget)] = (tokens, ev, engine.plan_for(len(ids), cfg, ev))
         # The full cache is the reference (and the parent of the forks) when the pool can hold it. A fork
         # is the request it stands for only if nothing preempts it: fork while the pool holds the
         # reference's peak and every fork (and its teacher-forced twin) once evicted; run the rest alone.
         has_full = engine.fits_pool(len(ids), cfg, None)
         room = engine.blocks.num_blocks - engine.blocks.blocks_for(len(ids) + cfg.max_new_tokens)
         forked = {}
-        for key, (tokens, ev, path) in plans.items():
-            need = 2 * engine.blocks_after_eviction(engine.plan_for(len(ids), cfg, ev), len(ids))
-            if has_full and path == "after_prompt" and need <= room:
+        for key, (tokens, ev, plan) in plans.items():
+            need = 2 * engine.blocks_after_eviction(plan, len(ids))
+            if has_full and plan.path == "after_prompt" and need <= room:
                 forked[key], room = plans[key], room - need
         reference = FullCacheReference() if has_full else None
         parent, t_prefill = None, 0.0
@@ -216,7 +216,7 @@ class Runner:
             rows.append(self._row(sample, ids, policy, budget, tokens, self._text(free), full_text,
                                   free.metrics.peak_decode_kv_slots, (shared_prefill or 0.0) + end - start, nll_kl)
                         | {"peak_kv_bytes": int(free.metrics.peak_kv_slots * self.bytes_per_token),
-                           "prefill_s": float(prefill_s), "eviction_mode": plans[(policy, budget)][2]})
+                           "prefill_s": float(prefill_s), "eviction_mode": plans[(policy, budget)][2].path})
         return rows
 
     def _text(self, seq) -> str:
