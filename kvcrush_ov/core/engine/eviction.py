@@ -219,11 +219,11 @@ class Evictor:
         prompt_done = seq.num_computed >= seq.num_prompt_tokens
         if plan is None or seq.is_finished or not (prompt_done or plan.during_prefill):
             return False
-        st = self._states.get(seq.seq_id) or EvictionState()
+        st = self._states.get(seq.seq_id)
         lens = self.blocks.layer_lens(seq.seq_id)
         if not prompt_done:  # every prefill_chunk tokens past the budget: at fixed prompt positions, so the
             return int(lens.max()) >= plan.budget + plan.prefill_chunk  # result does not depend on batching
-        if st.targets is None:
+        if st is None or st.targets is None:
             return int(lens.max()) > plan.budget
         if not st.scored_prompt_end:
             return bool((lens > st.targets).any())

@@ -24,7 +24,6 @@ from .sequence import FinishReason, LogitsObserver, Sequence, Status, TokenSourc
 from .stopping import Decode, after_tokens
 
 
-
 def token_logprob(row: np.ndarray, token: int) -> float:
     """log p(token) under one logits row (float64 log-sum-exp; openvino_genai's scores sum these)."""
     top = row.max()  # exact in the row's dtype: the same values as in float64, one pass and one buffer fewer
@@ -173,8 +172,10 @@ class LLMEngine:
 
     def fits_pool(self, num_prompt: int, config: GenerationConfig, plan: EvictionPlan | None) -> bool:
         """Whether the pool can ever hold such a request alone (else preemption could never make room)."""
-        most = self.scheduler.footprint(num_prompt, config.max_new_tokens, plan)
-        return self.blocks.blocks_for(most) <= self.blocks.num_blocks
+        return self._blocks_needed(num_prompt, config, plan) <= self.blocks.num_blocks
+
+    def _blocks_needed(self, num_prompt: int, config: GenerationConfig, plan: EvictionPlan | None) -> int:
+        return self.blocks.blocks_for(self.scheduler.footprint(num_prompt, config.max_new_tokens, plan))
 
     def blocks_after_eviction(self, plan: EvictionPlan, num_tokens: int) -> int:
         """Blocks a sequence of num_tokens holds in its fullest layer once evicted (a block of growth included)."""
@@ -182,8 +183,8 @@ class LLMEngine:
         return self.blocks.blocks_for(min(num_tokens, keep) + self.blocks.block_size)
 
     def _check_fits(self, num_prompt: int, config: GenerationConfig, plan: EvictionPlan | None) -> None:
-        if not self.fits_pool(num_prompt, config, plan):
-            need = self.blocks.blocks_for(self.scheduler.footprint(num_prompt, config.max_new_tokens, plan))
+        need = self._blocks_needed(num_prompt, config, plan)
+        if need > self.blocks.num_blocks:
             bs = self.blocks.block_size
             hint = "raise cache_size/num_kv_blocks"
             fits = (self.blocks.num_blocks * bs - bs - min(self.config.max_num_batched_tokens, 4 * bs)) // bs * bs
