@@ -238,6 +238,36 @@ def test_probe_of_the_prompt_tail_scores_compactions_inside_the_prompt(tiny_llam
     assert not e.has_unfinished and not e.sequences and e.blocks.num_used_blocks == 0
 
 
+def test_reread_scores_the_prompt_with_the_tail_of_a_first_bounded_read(tiny_llama_dir, ids):
+    """prefill_scores="reread": the whole prompt is first read memory-bounded (with a tail probe of its
+    own); the request starts only when that read is done, so the two never hold memory together, and its
+    compactions inside the prompt are scored by the first read's last queries, which saw the document."""
+    e = engine(tiny_llama_dir)
+    ev = CacheEvictionConfig("snapkv", budget=40, options={**SMALL, "window": 8}, prefill="chunked",
+                             prefill_chunk=32, prefill_scores="reread", prefill_window=16)
+    s = e.add_request(ids, GenerationConfig(max_new_tokens=4, ignore_eos=True), eviction=ev)
+    assert len(e.sequences) == 3 and s not in e.scheduler.seqs  # the request, its first read, that read's probe
+    reader = next(p for p in e.sequences.values() if p is not s and p.token_ids == ids)
+    tail = next(p for p in e.sequences.values() if p not in (s, reader))
+    assert tail.token_ids == ids[-16:] and reader.eviction.probe and not reader.eviction.reread
+    seen, tail_queries, reread_queries = [], None, None
+    while e.has_unfinished:
+        seen += e.step()
+        e.blocks.check_invariants()
+        assert not (s in e.scheduler.seqs and reader in e.scheduler.seqs)
+        tail_queries = e.evictor._probes.get(reader.seq_id, tail_queries)
+        reread_queries = e.evictor._probes.get(s.seq_id, reread_queries)
+    assert seen == [s] and s.num_generated == 4 and s.metrics.evictions >= (len(ids) - 40) // 32
+    assert reread_queries.shape[1] == 16 and tail_queries.shape == reread_queries.shape
+    np.testing.assert_allclose(reread_queries[0], tail_queries[0], atol=1e-5)  # layer 0 sees only the token
+    assert not np.allclose(reread_queries[-1], tail_queries[-1], atol=1e-3)  # deeper ones read the document
+    assert e.blocks.num_used_blocks == 0 and not e.evictor._probes and not e.sequences
+    s2 = e.add_request(ids, GenerationConfig(max_new_tokens=4, ignore_eos=True), eviction=ev)
+    e.step()
+    e.abort(s2.seq_id)
+    assert s2.is_finished and not e.has_unfinished and not e.sequences and e.blocks.num_used_blocks == 0
+
+
 # -- streaming: one detokenizer call per step for all streaming requests -----------------------------
 class CountingDecoder:
     def __init__(self, tokenizer) -> None:

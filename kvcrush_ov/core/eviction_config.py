@@ -15,7 +15,7 @@ from .policies import POLICIES, Policy, make_policy
 from .policies.defaults import ACCUMULATION_WINDOW as DEFAULT_ACCUMULATION_WINDOW
 
 PREFILL_MODES = ("auto", "after", "chunked")
-PREFILL_SCORES = ("window", "probe", "expected")
+PREFILL_SCORES = ("window", "probe", "reread", "expected")
 SCORES = ("window", "expected")
 
 
@@ -57,7 +57,9 @@ class CacheEvictionConfig:
     prefill_window: int = 0  # memory-bounded: newest queries scored at compactions inside the prompt; 0 = window
     # Memory-bounded: what scores the compactions inside the prompt. "window": the newest queries so far;
     # "probe": the prompt's own last `window` tokens (usually the question), run alone first at their true
-    # positions, so early chunks are judged by what the question will look for.
+    # positions, so early chunks are judged by what the question will look for. "reread": the whole prompt
+    # is read twice, the first time memory-bounded with a probe, and the last `window` queries of that
+    # first read (they have seen the compacted document) score the second (about twice the prefill time).
     # "expected" (here and in `scores`): expected attention (engine/expected_attention.py), the attention the
     # queries still to come are expected to pay, from the statistics of the queries seen so far: no question needed.
     prefill_scores: str = "window"

@@ -48,6 +48,7 @@ class EvictionPlan:
     prefill_chunk: int = 0    # prompt tokens added between two such compactions (0: no chunk fits the pool)
     prefill_window: int = 0   # queries scored at those compactions (resolved by Evictor.plan)
     probe: bool = False       # score those compactions with a probe of the prompt's tail instead
+    reread: bool = False      # that probe is the tail of a first, memory-bounded read of the whole prompt
     prefill: str = "after"    # the configured mode: "auto" is resolved per request by LLMEngine
     prefill_expected: bool = False  # score those compactions with expected attention instead
     expected: bool = False    # score the prompt-end and decoding evictions with expected attention
@@ -67,6 +68,7 @@ class EvictionPlan:
         """This plan with its prefill mode decided (a probe, or expected attention inside the prompt, only
         serves memory-bounded prefill)."""
         return replace(self, during_prefill=during_prefill, probe=self.probe and during_prefill,
+                       reread=self.reread and during_prefill,
                        prefill_expected=self.prefill_expected and during_prefill)
 
     @property
@@ -134,7 +136,8 @@ class Evictor:
                             during_prefill=config.prefill == "chunked" and policy.name != "full",
                             prefill_chunk=chunk if bounded else 0,
                             prefill_window=(config.prefill_window or window) if window else 0,
-                            probe=bounded and config.prefill_scores == "probe" and window > 0, prefill=config.prefill,
+                            probe=bounded and config.prefill_scores in ("probe", "reread") and window > 0,
+                            reread=bounded and config.prefill_scores == "reread" and window > 0, prefill=config.prefill,
                             prefill_expected=bounded and config.prefill_scores == "expected" and window > 0,
                             expected=config.scores == "expected" and window > 0,
                             expected_options=ExpectedOptions(config.expected_future,

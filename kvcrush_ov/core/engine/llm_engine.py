@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,6 +89,7 @@ class LLMEngine:
         self.last_step: StepStats | None = None
         self.num_preemptions = 0
         self._probes: dict[int, Sequence] = {}  # probe seq_id -> the request it scores for (internal)
+        self._held: dict[int, Sequence] = {}  # requests waiting for their first read (reread) to finish
 
     def _make_runner(self, *, model_dir, device, properties, precision, evicting, per_layer_lengths) -> ModelRunner:
         return ModelRunner(model_dir, device, cache_size_gb=self.config.cache_size,
@@ -132,21 +133,36 @@ class LLMEngine:
                        arrival=time.perf_counter(), eviction=plan, query_window=self._query_window(plan, query_window),
                        token_source=token_source, logits_observer=logits_observer,
                        query_stats=query_stats or (plan is not None and plan.query_stats))
-        if plan is not None and plan.probe and len(ids) > plan.budget + plan.prefill_chunk:
-            self._add_probe(seq)
         self.sequences[seq.seq_id] = seq
+        if plan is not None and plan.probe and len(ids) > plan.budget + plan.prefill_chunk:
+            if plan.reread:  # read the prompt once, bounded, for its tail's queries; then for real
+                self._held[seq.seq_id] = seq
+                self._add_probe(seq, whole=True)
+                return seq
+            self._add_probe(seq)
         self.scheduler.add(seq)
         return seq
 
-    def _add_probe(self, seq: Sequence) -> None:
+    def _add_probe(self, seq: Sequence, whole: bool = False) -> None:
         """Run the prompt's last `window` tokens alone first, at their true positions: their queries
-        judge the compactions inside the prompt, before the prompt's real end is reached."""
+        judge the compactions inside the prompt, before the prompt's real end is reached.
+
+        whole: run the whole prompt first instead, memory-bounded and scored by such a probe of its
+        own, and keep its last `window` queries: they have read the (compacted) document, as the
+        question's queries will, where a tail run alone has read nothing (about twice the prefill)."""
         w = min(seq.eviction.prefill_window, len(seq.token_ids))
-        probe = Sequence(next(self._ids), seq.token_ids[-w:], w, GenerationConfig(max_new_tokens=1, ignore_eos=True),
-                         position_offset=len(seq.token_ids) - w, query_window=w, arrival=seq.arrival)
+        once = GenerationConfig(max_new_tokens=1, ignore_eos=True)
+        if whole:
+            probe = Sequence(next(self._ids), list(seq.token_ids), seq.num_prompt_tokens, once,
+                             eviction=replace(seq.eviction, reread=False), query_window=w, arrival=seq.arrival)
+        else:
+            probe = Sequence(next(self._ids), seq.token_ids[-w:], w, once,
+                             position_offset=len(seq.token_ids) - w, query_window=w, arrival=seq.arrival)
         self._probes[probe.seq_id] = seq
         self.sequences[probe.seq_id] = probe
         self.scheduler.add(probe)
+        if whole:
+            self._add_probe(probe)
 
     def _for_prompt(self, plan: EvictionPlan | None, num_prompt: int, config: GenerationConfig) -> EvictionPlan | None:
         """Decide an "auto" plan's prefill mode from the request and the pool's size (never the momentary
@@ -352,6 +368,12 @@ class LLMEngine:
             target = self._probes.pop(s.seq_id, None)
             if target is not None:
                 self.evictor.take_probe(s, target)
+                if self._held.pop(target.seq_id, None) is not None:  # its first read is done
+                    if target.is_finished:  # aborted meanwhile
+                        self.sequences.pop(target.seq_id, None)
+                        visible.append(target)
+                    else:
+                        self.scheduler.add(target)
             else:
                 visible.append(s)
             self.evictor.drop(s)
