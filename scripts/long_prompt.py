@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a policy option for every evicting row, e.g. pool_back=6 (repeatable)")
     p.add_argument("--rows", default="", help="run only the rows whose label contains one of these "
-                   "comma-separated words (e.g. 'expected,hybrid')")
+                   "comma-separated words (e.g. 'default,after,full cache')")
     args = p.parse_args(argv)
     model_dir = resolve_model_dir(args.model)
     keys, depths = args.keys.split(","), [float(d) for d in args.depths.split(",")]
@@ -41,31 +41,22 @@ def main(argv: list[str] | None = None) -> None:
     cases = [(demo_prompt(k, d, paragraphs), k) for k, d in zip(keys, depths)]
     n_tokens = [len(probe.tokenizer.prepare(c, True)) for c, _ in cases]
     small = dict(num_kv_blocks=args.num_kv_blocks, cache_size=0)
+    n, b = args.num_kv_blocks, args.budget
     rows = [("full cache, unlimited pool", dict(cache_size=1), None),
-            (f"full cache, {args.num_kv_blocks} blocks", small, None),
-            (f"kvcrush {args.budget}, evict after prefill, {args.num_kv_blocks} blocks", small,
-             CacheEvictionConfig("kvcrush", budget=args.budget, prefill="after")),
-            (f"kvcrush {args.budget}, memory-bounded prefill, {args.num_kv_blocks} blocks", small,
-             CacheEvictionConfig("kvcrush", budget=args.budget)),
-            (f"kvcrush {args.budget}, memory-bounded prefill scored by a probe of the prompt's tail, "
-             f"{args.num_kv_blocks} blocks", small,
-             CacheEvictionConfig("kvcrush", budget=args.budget, prefill_scores="probe", prefill_window=64)),
-            (f"snapkv {args.budget}, memory-bounded prefill, {args.num_kv_blocks} blocks", small,
-             CacheEvictionConfig("snapkv", budget=args.budget)),
-            (f"snapkv {args.budget}, memory-bounded prefill scored by a probe of the prompt's tail, "
-             f"{args.num_kv_blocks} blocks", small,
-             CacheEvictionConfig("snapkv", budget=args.budget, prefill_scores="probe", prefill_window=64))]
+            (f"full cache, {n} blocks", small, None),
+            (f"kvcrush {b}, evict after prefill, {n} blocks", small,
+             CacheEvictionConfig("kvcrush", budget=b, prefill="after"))]
+    scored = [("reread", "memory-bounded prefill (default: read twice, the first read's tail scores the second)"),
+              ("window", "memory-bounded prefill scored by the newest queries"),
+              ("probe", "memory-bounded prefill scored by a probe of the prompt's tail"),
+              ("expected", "memory-bounded prefill scored by expected attention"),
+              ("hybrid", "memory-bounded prefill, hybrid: expected attention inside the prompt, the window at its end")]
     for policy in ("kvcrush", "snapkv"):
-        rows.append((f"{policy} {args.budget}, memory-bounded prefill, read twice: the first read's tail scores "
-                     f"the second, {args.num_kv_blocks} blocks", small,
-                     CacheEvictionConfig(policy, budget=args.budget, prefill_scores="reread", prefill_window=64)))
-    for policy in ("kvcrush", "snapkv"):
-        rows += [(f"{policy} {args.budget}, memory-bounded prefill scored by expected attention, "
-                  f"{args.num_kv_blocks} blocks", small,
-                  CacheEvictionConfig(policy, budget=args.budget, prefill_scores="expected", scores="expected")),
-                 (f"{policy} {args.budget}, memory-bounded prefill, hybrid: expected attention inside the prompt, "
-                  f"the window at its end, {args.num_kv_blocks} blocks", small,
-                  CacheEvictionConfig(policy, budget=args.budget, prefill_scores="expected"))]
+        for name, text in scored:
+            fields = (dict(prefill_scores="expected", scores="expected") if name == "expected" else
+                      dict(prefill_scores="expected") if name == "hybrid" else dict(prefill_scores=name))
+            rows.append((f"{policy} {b}, {text}, {n} blocks", small,
+                         CacheEvictionConfig(policy, budget=b, **fields)))
     if args.rows:
         rows = [r for r in rows if any(w.strip() in r[0] for w in args.rows.split(","))]
     if args.option:

@@ -361,7 +361,8 @@ class BlockAccounting(RuleBasedStateMachine):
             for layer, table in enumerate(tables):
                 assert len(set(table)) == len(table), "a block twice in one table"
                 for block in table:
-                    holders.setdefault((layer, block), set()).add(self.root[seq_id])
+                    # the engine's own sequences (a probe, a first read of a long prompt) are roots of their own
+                    holders.setdefault((layer, block), set()).add(self.root.get(seq_id, ("internal", seq_id)))
         assert all(len(roots) == 1 for roots in holders.values()), "a block shared by unrelated sequences"
         for s in self.seqs:
             if s.is_finished or s.status is Status.WAITING:

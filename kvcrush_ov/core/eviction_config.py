@@ -17,6 +17,7 @@ from .policies.defaults import ACCUMULATION_WINDOW as DEFAULT_ACCUMULATION_WINDO
 PREFILL_MODES = ("auto", "after", "chunked")
 PREFILL_SCORES = ("window", "probe", "reread", "expected")
 SCORES = ("window", "expected")
+PROBE_TOKENS = 64  # a probe's length: the question, its instruction and the chat template's tail
 
 
 class DefaultEviction(str, enum.Enum):
@@ -54,15 +55,19 @@ class CacheEvictionConfig:
     # budget + prefill_chunk + one block, at the cost of deciding before the question is read.
     prefill: str = "auto"
     prefill_chunk: int = 0  # memory-bounded: prompt tokens added between two compactions; 0 = the budget
-    prefill_window: int = 0  # memory-bounded: newest queries scored at compactions inside the prompt; 0 = window
-    # Memory-bounded: what scores the compactions inside the prompt. "window": the newest queries so far;
-    # "probe": the prompt's own last `window` tokens (usually the question), run alone first at their true
-    # positions, so early chunks are judged by what the question will look for. "reread": the whole prompt
-    # is read twice, the first time memory-bounded with a probe, and the last `window` queries of that
-    # first read (they have seen the compacted document) score the second (about twice the prefill time).
-    # "expected" (here and in `scores`): expected attention (engine/expected_attention.py), the attention the
-    # queries still to come are expected to pay, from the statistics of the queries seen so far: no question needed.
-    prefill_scores: str = "window"
+    # memory-bounded: queries that score the compactions inside the prompt (the probe's length for
+    # "probe"/"reread"); 0 = PROBE_TOKENS for those, the policy's window for "window"
+    prefill_window: int = 0
+    # Memory-bounded: what scores the compactions inside the prompt, before the question has been read.
+    # "reread" (default): the whole prompt is read twice; the first read is memory-bounded and scored by a
+    # probe, and its last `prefill_window` queries, which have read the (compacted) document as the
+    # question's will, score the second read: about twice the prefill time, for prompts beyond the pool only.
+    # "probe": the prompt's own last `prefill_window` tokens (usually the question), run alone first at their
+    # true positions (they have read nothing). "window": the newest queries so far (they have not read the
+    # question). "expected" (here and in `scores`): expected attention (engine/expected_attention.py), the
+    # attention the queries still to come are expected to pay, from the statistics of the queries seen so far.
+    # Measured on tuning seeds in docs/long-prompts.md.
+    prefill_scores: str = "reread"
     # What scores the evictions at the prompt's end and in decoding: "window" (the policy's newest queries) or
     # "expected". prefill_scores="expected" with scores="window" = expected attention inside the prompt, the
     # question's own window at its end.

@@ -23,7 +23,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from ..errors import ConfigError, KVCrushError
-from ..eviction_config import CacheEvictionConfig
+from ..eviction_config import PROBE_TOKENS, CacheEvictionConfig
 from ..policies import AttentionStats, Policy
 from .expected_attention import ExpectedOptions, QueryStats
 from .block_manager import BlockManager
@@ -131,12 +131,14 @@ class Evictor:
                               f"({bs} tokens); use at least {bs} (or 0 for the budget)")
         chunk = max(0, min(config.prefill_chunk or budget, pool - budget - bs))
         bounded = policy.name != "full" and config.prefill != "after" and chunk >= bs
+        probing = config.prefill_scores in ("probe", "reread")
         # "full" keeps every token: a prompt cannot be bounded while it fills
         plan = EvictionPlan(policy, budget, window, config.evict_during_decode,
                             during_prefill=config.prefill == "chunked" and policy.name != "full",
                             prefill_chunk=chunk if bounded else 0,
-                            prefill_window=(config.prefill_window or window) if window else 0,
-                            probe=bounded and config.prefill_scores in ("probe", "reread") and window > 0,
+                            prefill_window=(config.prefill_window or (PROBE_TOKENS if probing else window))
+                            if window else 0,
+                            probe=bounded and probing and window > 0,
                             reread=bounded and config.prefill_scores == "reread" and window > 0, prefill=config.prefill,
                             prefill_expected=bounded and config.prefill_scores == "expected" and window > 0,
                             expected=config.scores == "expected" and window > 0,

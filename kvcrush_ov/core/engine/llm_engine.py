@@ -160,9 +160,9 @@ class LLMEngine:
                              position_offset=len(seq.token_ids) - w, query_window=w, arrival=seq.arrival)
         self._probes[probe.seq_id] = seq
         self.sequences[probe.seq_id] = probe
-        self.scheduler.add(probe)
-        if whole:
+        if whole:  # its own probe goes first, so it is done before the first compaction it scores
             self._add_probe(probe)
+        self.scheduler.add(probe)
 
     def _for_prompt(self, plan: EvictionPlan | None, num_prompt: int, config: GenerationConfig) -> EvictionPlan | None:
         """Decide an "auto" plan's prefill mode from the request and the pool's size (never the momentary
