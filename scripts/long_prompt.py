@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--depths", default="0.2,0.4,0.6")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a policy option for every evicting row, e.g. pool_back=6 (repeatable)")
+    p.add_argument("--policies", default="kvcrush,snapkv", help="policies of the memory-bounded rows")
     p.add_argument("--rows", default="", help="run only the rows whose label contains one of these "
                    "comma-separated words (e.g. 'default,after,full cache')")
     args = p.parse_args(argv)
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
               ("probe", "memory-bounded prefill scored by a probe of the prompt's tail"),
               ("expected", "memory-bounded prefill scored by expected attention"),
               ("hybrid", "memory-bounded prefill, hybrid: expected attention inside the prompt, the window at its end")]
-    for policy in ("kvcrush", "snapkv"):
+    for policy in args.policies.split(","):
         for name, text in scored:
             fields = (dict(prefill_scores="expected", scores="expected") if name == "expected" else
                       dict(prefill_scores="expected") if name == "hybrid" else dict(prefill_scores=name))

@@ -15,8 +15,8 @@ import numpy as np
 
 from kvcrush_ov.tools.eval.paired import excludes_zero, paired_differences
 
-PREFILL_KEYS = ("prefill", "prefill_chunk", "prefill_window", "prefill_scores", "scores", "expected_future",
-                "expected_value_norm")
+PREFILL_KEYS = ("prefill", "prefill_chunk", "prefill_window", "prefill_scores", "prefill_pool_back", "scores",
+                "expected_future", "expected_value_norm")
 
 
 def after_twin(spec: str) -> str | None:

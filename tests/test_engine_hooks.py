@@ -268,6 +268,18 @@ def test_reread_scores_the_prompt_with_the_tail_of_a_first_bounded_read(tiny_lla
     assert s2.is_finished and not e.has_unfinished and not e.sequences and e.blocks.num_used_blocks == 0
 
 
+def test_memory_bounded_compactions_keep_spans_by_default(tiny_llama_dir):
+    """Inside a prompt (memory-bounded) the policy also keeps what follows a well-scored token; after
+    the prompt it is the configured one; prefill_pool_back=0 turns that off."""
+    e = engine(tiny_llama_dir)
+    plan = e.evictor.plan(CacheEvictionConfig("kvcrush", budget=40, options=SMALL))
+    assert plan.prefill_policy.base.pool_back == 6 and plan.policy.base.pool_back == 0
+    off = e.evictor.plan(CacheEvictionConfig("kvcrush", budget=40, options=SMALL, prefill_pool_back=0))
+    assert off.prefill_policy == off.policy
+    with pytest.raises(kvcrush_ov.ConfigError, match="prefill_pool_back"):
+        CacheEvictionConfig("kvcrush", prefill_pool_back=-1)
+
+
 # -- streaming: one detokenizer call per step for all streaming requests -----------------------------
 class CountingDecoder:
     def __init__(self, tokenizer) -> None:

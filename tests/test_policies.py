@@ -580,3 +580,15 @@ def test_snapkv_pool_back_keeps_what_follows_a_cue():
     assert back[cue - 1:cue + 8].all() and (crush == back).all()
     with pytest.raises(ConfigError, match="pool_back"):
         make_policy("snapkv", pool_back=-1)
+
+
+def test_keeping_spans_reaches_back_only_where_scores_are_pooled():
+    """Compactions inside a prompt keep what follows a cue: SnapKV-family policies (and KVCrush over
+    them) pool back; a policy that pools nothing is unchanged; an explicit larger pool_back stays."""
+    assert make_policy("snapkv").keeping_spans(6).pool_back == 6
+    assert make_policy("snapkv", pool_back=9).keeping_spans(6).pool_back == 9
+    assert make_policy("pyramidkv").keeping_spans(6).pool_back == 6
+    assert make_policy("kvcrush").keeping_spans(6).base.pool_back == 6
+    h2o = make_policy("h2o")
+    assert h2o.keeping_spans(6) is h2o
+    assert make_policy("kvcrush", base="h2o").keeping_spans(6).base == h2o

@@ -13,6 +13,7 @@ from typing import Any, Union
 from .errors import ConfigError
 from .policies import POLICIES, Policy, make_policy
 from .policies.defaults import ACCUMULATION_WINDOW as DEFAULT_ACCUMULATION_WINDOW
+from .policies.defaults import PREFILL_POOL_BACK
 
 PREFILL_MODES = ("auto", "after", "chunked")
 PREFILL_SCORES = ("window", "probe", "reread", "expected")
@@ -68,6 +69,9 @@ class CacheEvictionConfig:
     # attention the queries still to come are expected to pay, from the statistics of the queries seen so far.
     # Measured on tuning seeds in docs/long-prompts.md.
     prefill_scores: str = "reread"
+    # memory-bounded: compactions inside the prompt also keep this many tokens after a well-scored one
+    # (policies that pool scores over neighbours: SnapKV, PyramidKV, KVCrush over them); 0 = as after it
+    prefill_pool_back: int = PREFILL_POOL_BACK
     # What scores the evictions at the prompt's end and in decoding: "window" (the policy's newest queries) or
     # "expected". prefill_scores="expected" with scores="window" = expected attention inside the prompt, the
     # question's own window at its end.
@@ -92,6 +96,10 @@ class CacheEvictionConfig:
         if not isinstance(self.prefill_window, int) or isinstance(self.prefill_window, bool) or self.prefill_window < 0:
             raise ConfigError(f"CacheEvictionConfig.prefill_window must be an integer >= 0 (0 = the policy's "
                               f"window), got {self.prefill_window!r}")
+        if not isinstance(self.prefill_pool_back, int) or isinstance(self.prefill_pool_back, bool) \
+                or self.prefill_pool_back < 0:
+            raise ConfigError(f"CacheEvictionConfig.prefill_pool_back must be an integer >= 0, "
+                              f"got {self.prefill_pool_back!r}")
         if self.prefill_scores not in PREFILL_SCORES:
             raise ConfigError(f"CacheEvictionConfig.prefill_scores must be one of "
                               f"{', '.join(map(repr, PREFILL_SCORES))}, got {self.prefill_scores!r}")

@@ -53,6 +53,7 @@ class EvictionPlan:
     prefill_expected: bool = False  # score those compactions with expected attention instead
     expected: bool = False    # score the prompt-end and decoding evictions with expected attention
     expected_options: ExpectedOptions = ExpectedOptions()
+    prefill_policy: Policy | None = None  # the policy of compactions inside the prompt (None: `policy`)
 
     @property
     def query_window(self) -> int:
@@ -144,6 +145,8 @@ class Evictor:
                             expected=config.scores == "expected" and window > 0,
                             expected_options=ExpectedOptions(config.expected_future,
                                                              value_norm=config.expected_value_norm))
+        if bounded:
+            plan = replace(plan, prefill_policy=policy.keeping_spans(config.prefill_pool_back))
         if plan.during_prefill and not plan.prefill_chunk:
             raise self.no_chunk_error(plan)
         if plan.expected or plan.prefill_expected:
@@ -286,8 +289,8 @@ class Evictor:
     def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray) -> int:
         """Compact the sequence to the policy's keep-sets; return the tokens evicted per layer (mean)."""
         L, hkv = self.runner.num_layers, self.runner.num_kv_heads
-        policy = plan.policy
         in_prompt = seq.num_computed < seq.num_prompt_tokens
+        policy = plan.prefill_policy if in_prompt and plan.prefill_policy is not None else plan.policy
         window = plan.prefill_window if in_prompt else plan.window
         queries, causal = st.queries, True
         if in_prompt and plan.probe and seq.seq_id in self._probes:  # the question's view, from the future

@@ -237,6 +237,11 @@ class Policy:
         self.check_budget(budget)
         return np.full(num_layers, min(int(budget), int(num_tokens)), dtype=np.int64)
 
+    def keeping_spans(self, back: int) -> "Policy":
+        """This policy, where it pools scores over neighbours, also keeping the `back` tokens that follow
+        a well-scored one (a whole fact after its cue); unchanged otherwise."""
+        return self
+
     # ---- state carried from one eviction of a sequence to the next (most policies keep none) ----
     # True when update() keeps state aligned with the slots (H2O): such a policy needs every layer to
     # hold the same slots, so it cannot follow per-layer budgets (PyramidKV).

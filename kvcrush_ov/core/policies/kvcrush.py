@@ -29,7 +29,7 @@ attention is diffuse more representatives and concentrated layers fewer (same to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 import numpy as np
@@ -375,6 +375,9 @@ class KVCrush(Policy):
     @property
     def per_layer_budgets(self) -> bool:  # type: ignore[override]
         return self.base.per_layer_budgets
+
+    def keeping_spans(self, back: int) -> "KVCrush":
+        return replace(self, base=self.base.keeping_spans(back))
 
     def update(self, state, scores: np.ndarray):
         return self.base.update(state, scores)

@@ -3,7 +3,7 @@ already attend to what generation will need, so score the cache by that window's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -47,6 +47,9 @@ class SnapKV(Policy):
         require_odd_kernel(self.name, self.kernel)
         require_choice(self.name, "head_reduce", self.head_reduce, HEAD_REDUCTIONS)
         require_int(self.name, "pool_back", self.pool_back, lo=0)
+
+    def keeping_spans(self, back: int) -> "SnapKV":
+        return replace(self, pool_back=max(self.pool_back, back))
 
     def score(self, stats: AttentionStats) -> np.ndarray:
         return pool_tokens(stats.kv_scores(self.head_reduce), self.kernel, self.pool, self.pool_back)
