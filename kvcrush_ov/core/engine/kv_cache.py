@@ -91,6 +91,7 @@ class KVCache:
                 tensor = ov.Tensor(compiled.input(name).get_element_type(), [num_blocks, *shape])
                 request.set_tensor(name, tensor)
                 self._tensors.append(tensor)
+        self.key_tensors = self._tensors[0::2]  # the pool's own tensors (a compiled scorer reads them in place)
         # u4 storage comes out as flat packed bytes: view it as [blocks, Hkv, rows, row bytes]
         view = lambda t: t.data.reshape(num_blocks, *t.get_shape()[1:-1], -1)  # noqa: E731
         self.keys = [view(t) for t in self._tensors[0::2]]
