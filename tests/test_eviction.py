@@ -157,6 +157,26 @@ def test_decode_time_eviction_keeps_cache_within_budget(tiny_llama_dir, tok):
     assert e.blocks.num_used_blocks == 0
 
 
+def test_decode_slack_makes_fewer_larger_evictions(tiny_llama_dir, tok):
+    """decode_slack=40 rounds up to 2 blocks: decoding evicts at budget + 3 blocks, not + 1 block."""
+    ids = tok.prepare("Count slowly.", True)
+    peaks, evictions = {}, {}
+    for slack in (0, 40):
+        e = make_engine(tiny_llama_dir, CacheEvictionConfig("snapkv", budget=40, options=small_options("snapkv"),
+                                                            decode_slack=slack))
+        s = e.add_request(ids, GenerationConfig(max_new_tokens=200, ignore_eos=True))
+        peak = 0
+        while e.has_unfinished:
+            e.step()
+            peak = max(peak, e.blocks.cache_len(s.seq_id))
+            e.blocks.check_invariants()
+        assert s.num_generated == 200
+        peaks[slack], evictions[slack] = peak, s.metrics.evictions
+    bs = e.runner.block_size
+    assert peaks[0] < 40 + bs and 40 + bs < peaks[40] < 40 + 3 * bs
+    assert evictions[40] <= evictions[0] // 2 and evictions[40] >= 2
+
+
 def test_fork_fans_one_prefill_out_to_policies(tiny_llama_dir, tok):
     ids = tok.prepare(PROMPT, True)
     cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True)
@@ -191,6 +211,7 @@ def test_fork_fans_one_prefill_out_to_policies(tiny_llama_dir, tok):
     ({"options": {"anchors": "north"}}, "anchor"),
     ({"options": {"representative_fraction": 1.5}}, "representative_fraction"),
     ({"policy": "snapkv", "options": {"sink_tokens": -1}}, "sink_tokens"),
+    ({"decode_slack": -32}, "decode_slack"),
 ])
 def test_bad_eviction_configs(kwargs, match):
     with pytest.raises(kvcrush_ov.ConfigError, match=match):

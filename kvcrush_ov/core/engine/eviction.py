@@ -52,6 +52,11 @@ class EvictionPlan:
     prefill_expected: bool = False  # score those compactions with expected attention instead
     expected: bool = False    # score the prompt-end and decoding evictions with expected attention
     expected_options: ExpectedOptions = ExpectedOptions()
+    decode_slack: int = 0     # tokens (whole blocks) decoding may grow past one block over the target
+
+    def decode_growth(self, block_size: int) -> int:
+        """Slots a sequence that evicts while decoding may hold past its target before it evicts again."""
+        return block_size + self.decode_slack
 
     @property
     def query_window(self) -> int:
@@ -118,9 +123,11 @@ class Evictor:
         """Validate a config against this engine (pool, context, cache precision) and resolve it."""
         policy, budget, window = config.resolved_policy, config.budget, config.window
         bs, pool = self.runner.block_size, self.blocks.num_blocks * self.runner.block_size
-        if budget + bs > pool:
-            raise ConfigError(f"eviction budget {budget} (+ one block of growth) does not fit the KV pool of "
-                              f"{self.blocks.num_blocks} blocks ({pool} tokens); lower the budget or raise cache_size")
+        slack = -(-config.decode_slack // bs) * bs
+        if budget + bs + slack > pool:
+            raise ConfigError(f"eviction budget {budget} (+ one block of growth{f' + decode_slack {slack}' * bool(slack)}) "
+                              f"does not fit the KV pool of {self.blocks.num_blocks} blocks ({pool} tokens); lower the "
+                              f"budget or raise cache_size")
         # Memory-bounded prefill adds this many prompt tokens between compactions (the budget unless set;
         # fewer, larger compactions cost less and decide on more context): budget + chunk + one block
         # must fit the pool, so the chunk shrinks to fit.
@@ -138,7 +145,8 @@ class Evictor:
                             prefill_expected=bounded and config.prefill_scores == "expected" and window > 0,
                             expected=config.scores == "expected" and window > 0,
                             expected_options=ExpectedOptions(config.expected_future,
-                                                             value_norm=config.expected_value_norm))
+                                                             value_norm=config.expected_value_norm),
+                            decode_slack=-(-config.decode_slack // bs) * bs)
         if plan.during_prefill and not plan.prefill_chunk:
             raise self.no_chunk_error(plan)
         if plan.expected or plan.prefill_expected:
@@ -227,8 +235,8 @@ class Evictor:
             return int(lens.max()) > plan.budget
         if not st.scored_prompt_end:
             return bool((lens > st.targets).any())
-        # a block's worth past its target in any layer
-        return plan.during_decode and bool((lens >= st.targets + self.runner.block_size).any())
+        # a block (+ the decode slack) past its target in any layer
+        return plan.during_decode and bool((lens >= st.targets + plan.decode_growth(self.runner.block_size)).any())
 
     def _observe_stats(self, chunk: ScheduledChunk, st: EvictionState, queries: np.ndarray) -> None:
         seq = chunk.seq
