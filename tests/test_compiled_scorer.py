@@ -1,6 +1,7 @@
-"""The compiled OpenVINO window scorer against the numpy reference (<= 1e-5, f32 KV, tiny real models):
-fresh and compacted (block tables reordered by eviction) caches, causal and probe windows, sliding
-layers, layer subsets; and an engine evicting with either backend generates the same tokens."""
+"""The compiled OpenVINO scorers against the numpy reference (<= 1e-5, f32 KV, tiny real models): window
+scores on fresh and compacted (block tables reordered by eviction) caches, causal and probe windows,
+sliding layers, layer subsets; expected attention with and without covariance; and an engine evicting
+with either backend generates the same tokens."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from kvcrush_ov import CacheEvictionConfig, SchedulerConfig
 from kvcrush_ov.core.config import GenerationConfig
 from kvcrush_ov.core.engine.llm_engine import LLMEngine
+from kvcrush_ov.core.engine.expected_attention import ExpectedOptions
 from kvcrush_ov.core.engine.scorer import BACKEND_ENV, Scorer
 from kvcrush_ov.core.errors import ConfigError
 from kvcrush_ov.tools.models import prepare
@@ -18,8 +20,8 @@ F32 = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": ov.Type.f32}
 TOL = 1e-5
 
 
-def _engine(model_dir, budget: int, policy: str = "snapkv") -> LLMEngine:
-    eviction = CacheEvictionConfig(policy, budget=budget, options={"window": 8} if policy == "snapkv" else {})
+def _engine(model_dir, budget: int, policy: str = "snapkv", **config) -> LLMEngine:
+    eviction = CacheEvictionConfig(policy, budget=budget, options={"window": 8} if policy == "snapkv" else {}, **config)
     return LLMEngine(model_dir, "CPU", SchedulerConfig(cache_size=0.05, max_num_batched_tokens=4096,
                                                        cache_eviction_config=eviction), F32)
 
@@ -74,6 +76,25 @@ def test_sliding_window_layers():
     engine.step()
     q = engine.evictor.state(seq).queries
     assert _compare(engine, seq, q, 150, np.arange(engine.runner.num_layers)) <= TOL
+
+
+@pytest.mark.parametrize("budget", [2000, 128])  # fresh; compacted (and statistics past the prompt)
+def test_expected_attention(tiny_llama_dir, budget):
+    engine = _engine(tiny_llama_dir, budget=budget, scores="expected")
+    seq = engine.add_request(_prompt(250, seed=4), GenerationConfig(max_new_tokens=40, ignore_eos=True))
+    for _ in range(36):
+        engine.step()
+    assert (engine.evictor.stats.evictions > 0) == (budget < 250)
+    stats, tables = engine.evictor.state(seq).query_stats, engine.blocks.tables[seq.seq_id]
+    n, L = int(engine.blocks.layer_lens(seq.seq_id).max()), engine.runner.num_layers
+    ref, comp = Scorer(engine.runner, "numpy"), Scorer(engine.runner, "openvino")
+    for options in (ExpectedOptions(), ExpectedOptions(future=64, covariance=False)):
+        for layers in (np.arange(L), np.array([L - 1])):
+            a = ref.expected(tables, stats, options, len(seq.token_ids), n, layers)
+            b = comp.expected(tables, stats, options, len(seq.token_ids), n, layers)
+            assert b.shape == a.shape == (len(layers), engine.runner.num_q_heads, n)
+            np.testing.assert_allclose(b.sum(axis=-1), 1.0, rtol=1e-5)
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=TOL)  # shares of ~1/n: relative matters
 
 
 def test_unknown_backend_is_refused(tiny_llama_dir, monkeypatch):

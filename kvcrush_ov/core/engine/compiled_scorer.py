@@ -1,6 +1,6 @@
-"""Runs window_graph.py's compiled scorer: the window scores of Scorer.window, by OpenVINO.
+"""Runs score_graphs.py's compiled scorers: Scorer.window's and Scorer.expected's scores, by OpenVINO.
 
-One compiled model per set of layers scored together (usually every global layer; one layer at a time
+One compiled model per kind and set of layers scored together (usually every global layer; one layer at a time
 once layers hold different lengths), compiled on first use with the main model's core, device and
 thread settings, f32 inference. The pool's key tensors are bound once per compiled model: the graph
 reads the live pool, so nothing is copied before an infer.
@@ -11,7 +11,7 @@ import numpy as np
 import openvino as ov
 
 from ..config import FLOAT_KV_PRECISIONS
-from .window_graph import build_window_graph
+from .score_graphs import build_expected_graph, build_window_graph
 
 # Settings of the main model that describe the KV cache, not how to run: not passed to the scorer.
 _CACHE_KEYS = ("KV_CACHE_PRECISION", "KEY_CACHE_PRECISION", "VALUE_CACHE_PRECISION", "KEY_CACHE_GROUP_SIZE",
@@ -24,9 +24,13 @@ class CompiledWindowScorer:
         compiling takes ~0.5 s on a 30-layer model, which the first eviction should not pay."""
         self.runner = runner
         self._requests: dict[tuple[int, ...], ov.InferRequest] = {}
-        glob = tuple(int(i) for i in np.flatnonzero(np.asarray(runner.sliding_windows) == 0))
+        self.prepare("window")
+
+    def prepare(self, kind: str) -> None:
+        """Compile the graph of the global layers for kind ("window" or "expected") if not yet done."""
+        glob = tuple(int(i) for i in np.flatnonzero(np.asarray(self.runner.sliding_windows) == 0))
         if glob:  # (a model of sliding layers only is never scored: each keeps its newest slots)
-            self._request(glob)
+            self._request(glob, kind)
 
     @staticmethod
     def supports(runner) -> bool:
@@ -34,41 +38,64 @@ class CompiledWindowScorer:
         which a graph cannot reinterpret (those caches are scored by the numpy reference)."""
         return runner.layout.precision in FLOAT_KV_PRECISIONS and bool(runner.softmax_scales)
 
-    def _request(self, layers: tuple[int, ...]) -> ov.InferRequest:
-        request = self._requests.get(layers)
+    def _request(self, layers: tuple[int, ...], kind: str = "window") -> ov.InferRequest:
+        request = self._requests.get((kind, layers))
         if request is None:
             r = self.runner
             pool_type = r.kv.key_tensors[0].get_element_type()
-            model = build_window_graph(pool_type, r.num_q_heads, r.num_kv_heads, r.block_size, r.head_size,
-                                       [r.sliding_windows[i] for i in layers])
+            dims = (pool_type, r.num_q_heads, r.num_kv_heads, r.block_size, r.head_size)
+            model = (build_window_graph(*dims, [r.sliding_windows[i] for i in layers]) if kind == "window"
+                     else build_expected_graph(*dims, len(layers)))
             props = {k: v for k, v in r.compile_properties.items() if k not in _CACHE_KEYS}
             props["INFERENCE_PRECISION_HINT"] = ov.Type.f32  # scores must match the f32 reference
             request = r.core.compile_model(model, r.device, props).create_infer_request()
             for i, layer in enumerate(layers):
                 request.set_tensor(f"key_cache.{i}", r.kv.key_tensors[layer])
-            self._requests[layers] = request
+            self._requests[(kind, layers)] = request
         return request
+
+    def _rows(self, tables: list, layers: tuple[int, ...], num_slots: int) -> np.ndarray:
+        """i32 [n, Hkv, nb]: the pool row (block * Hkv + head) of each layer's first nb blocks, per KV head."""
+        hkv = self.runner.num_kv_heads
+        blocks = np.array([tables[i][:-(-num_slots // self.runner.block_size)] for i in layers], dtype=np.int32)
+        return blocks[:, None, :] * hkv + np.arange(hkv, dtype=np.int32)[None, :, None]
+
+    def _infer(self, request: ov.InferRequest, inputs: dict, num_slots: int) -> np.ndarray:
+        request.set_tensors({name: ov.Tensor(value) for name, value in inputs.items()})
+        request.infer()
+        return request.get_tensor("scores").data[..., :num_slots].copy()  # the next infer reuses the buffer
 
     def window(self, tables: list, queries: np.ndarray, num_slots: int, layers: np.ndarray,
                causal: bool = True) -> np.ndarray:
         """Scorer.window's contract: [len(layers), Hq, num_slots] f32, queries [L, W, Hq, hd]."""
         sel = tuple(int(x) for x in layers)
-        request = self._request(sel)
-        w, bs, hkv = queries.shape[1], self.runner.block_size, self.runner.num_kv_heads
+        w, bs = queries.shape[1], self.runner.block_size
         nb = -(-num_slots // bs)
-        blocks = np.array([tables[i][:nb] for i in sel], dtype=np.int32)                  # [n, nb]
-        rows = blocks[:, None, :] * hkv + np.arange(hkv, dtype=np.int32)[None, :, None]   # [n, Hkv, nb]
         scales = np.asarray(self.runner.softmax_scales, dtype=np.float32)[list(sel)]
-        window_slots = np.arange(num_slots - w, num_slots, dtype=np.int64)
         bias = np.zeros((w, nb * bs), np.float32)
         bias[:, num_slots:] = -np.inf
         if causal:  # query i is slot S - W + i: it may not look at the slots after it
             bias[:, num_slots - w:num_slots][np.triu_indices(w, 1)] = -np.inf
-        request.set_tensors({
-            "queries": ov.Tensor(queries[list(sel)] * scales[:, None, None, None]),
-            "block_rows": ov.Tensor(rows),
-            "bias": ov.Tensor(bias),
-            "window_slots": ov.Tensor(window_slots),
-        })
-        request.infer()
-        return request.get_tensor("scores").data[..., :num_slots].copy()  # the next infer reuses the buffer
+        return self._infer(self._request(sel), {
+            "queries": queries[list(sel)] * scales[:, None, None, None],
+            "block_rows": self._rows(tables, sel, num_slots),
+            "bias": bias,
+            "window_slots": np.arange(num_slots - w, num_slots, dtype=np.int64),
+        }, num_slots)
+
+    def expected(self, tables: list, mean: np.ndarray, cov: np.ndarray | None, scales: np.ndarray, num_slots: int,
+                 layers: np.ndarray) -> np.ndarray:
+        """expected_attention.expected_scores without value norms: [len(layers), Hq, num_slots] f32 from the
+        future queries' mean [n, Hq, hd] and covariance [n, Hq, hd, hd] (or None) of those layers."""
+        sel = tuple(int(x) for x in layers)
+        s = np.asarray(scales, dtype=np.float32).reshape(-1, 1, 1)
+        nb = -(-num_slots // self.runner.block_size)
+        bias = np.zeros((1, nb * self.runner.block_size), np.float32)
+        bias[:, num_slots:] = -np.inf
+        return self._infer(self._request(sel, "expected"), {
+            "mean": mean.astype(np.float32) * s,
+            "covariance": (np.zeros(mean.shape + mean.shape[-1:], np.float32) if cov is None
+                           else cov.astype(np.float32) * (0.5 * s[..., None] ** 2)),
+            "block_rows": self._rows(tables, sel, num_slots),
+            "bias": bias,
+        }, num_slots)

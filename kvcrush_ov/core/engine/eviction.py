@@ -150,7 +150,7 @@ class Evictor:
         if plan.during_prefill and not plan.prefill_chunk:
             raise self.no_chunk_error(plan)
         if plan.expected or plan.prefill_expected:
-            self.scorer.rope()  # a model without a usable RoPE fails here, with the config, not mid-run
+            self.scorer.prepare_expected()  # a model without a usable RoPE fails here, with the config, not mid-run
         if self.runner.max_position and plan.budget > self.runner.max_position:
             raise ConfigError(f"eviction budget {plan.budget} exceeds the model's context ({self.runner.max_position} "
                               f"tokens); use a budget below it")

@@ -7,8 +7,8 @@ One interface, two sources of scores:
             of every query seen so far (expected_attention.py): needs no question.
 Keys are read from the paged pool through the sequence's block tables, a group of layers per numpy
 call (a few calls per eviction instead of one per layer; the group bounds the temporaries). This numpy
-code is the reference the compiled scorer (compiled_scorer.py, the default for window scores on float
-caches) must match; KVCRUSH_OV_SCORER=numpy (or Scorer(backend="numpy")) scores with it instead.
+code is the reference the compiled scorer (compiled_scorer.py, the default on float caches; expected
+attention weighted by value norms stays in numpy) must match; KVCRUSH_OV_SCORER=numpy (or Scorer(backend="numpy")) scores with it instead.
 """
 from __future__ import annotations
 
@@ -52,6 +52,12 @@ class Scorer:
                                   f"prefill_scores/scores 'window'") from None
         return self._rope
 
+    def prepare_expected(self) -> None:
+        """Checks the model's RoPE and compiles the expected-attention graph now, not in an eviction."""
+        self.rope()
+        if self._compiled is not None:
+            self._compiled.prepare("expected")
+
     def add_queries(self, stats: QueryStats | None, queries: np.ndarray, first_position: int,
                     options: ExpectedOptions) -> QueryStats:
         """Running statistics with queries [L, T, Hq, hd] (post-RoPE, at positions first_position..) added."""
@@ -85,6 +91,10 @@ class Scorer:
                  layers: np.ndarray) -> np.ndarray:
         """[len(layers), Hq, num_slots]: the attention expected from the queries at position.. onwards."""
         scales = np.asarray(self.runner.softmax_scales, dtype=np.float32)
+        if self._compiled is not None and not options.value_norm:  # (value norms: numpy reads the values)
+            mean, cov = expected_attention.future_moments(stats, self.rope(), position, options.future, layers,
+                                                          options.covariance)
+            return self._compiled.expected(tables, mean, cov, scales[layers], num_slots, layers)
         group = max(1, _GROUP_ELEMENTS // max(num_slots, 1))
         out = np.empty((len(layers), self.runner.num_q_heads, num_slots), np.float32)
         for lo in range(0, len(layers), group):
