@@ -30,6 +30,15 @@ def _prompt(n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(3, 250, n).tolist()
 
 
+def _poison_unused_rows(engine: LLMEngine, seq, num_slots: int) -> None:
+    """The unused rows of a sequence's last block hold whatever the pool held: NaN here, which must not
+    leak into any score."""
+    used = num_slots % engine.runner.block_size
+    assert used, "the last block must have unused rows"
+    for layer in range(engine.runner.num_layers):
+        engine.runner.kv.keys[layer][engine.blocks.tables[seq.seq_id][layer][-1], :, used:] = np.nan
+
+
 def _compare(engine: LLMEngine, seq, queries: np.ndarray, num_slots: int, layers: np.ndarray) -> float:
     """Worst |openvino - numpy| over causal and probe windows (asserts the compiled path was taken)."""
     ref, comp = Scorer(engine.runner, "numpy"), Scorer(engine.runner, "openvino")
@@ -53,6 +62,7 @@ def test_fresh_cache_real_and_random_queries(tiny_llama_dir):
     real = engine.evictor.state(seq).queries
     L = engine.runner.num_layers
     assert _compare(engine, seq, real, 301, np.arange(L)) <= TOL
+    _poison_unused_rows(engine, seq, 301)
     rnd = np.random.default_rng(1).standard_normal(real.shape).astype(np.float32) * 3
     assert _compare(engine, seq, rnd, 301, np.arange(L)) <= TOL
     assert _compare(engine, seq, rnd[:, -3:], 200, np.array([L - 1])) <= TOL  # a subset, fewer slots
@@ -87,6 +97,7 @@ def test_expected_attention(tiny_llama_dir, budget):
     assert (engine.evictor.stats.evictions > 0) == (budget < 250)
     stats, tables = engine.evictor.state(seq).query_stats, engine.blocks.tables[seq.seq_id]
     n, L = int(engine.blocks.layer_lens(seq.seq_id).max()), engine.runner.num_layers
+    _poison_unused_rows(engine, seq, n)
     ref, comp = Scorer(engine.runner, "numpy"), Scorer(engine.runner, "openvino")
     for options in (ExpectedOptions(), ExpectedOptions(future=64, covariance=False)):
         for layers in (np.arange(L), np.array([L - 1])):

@@ -72,14 +72,14 @@ class CompiledWindowScorer:
         w, bs = queries.shape[1], self.runner.block_size
         nb = -(-num_slots // bs)
         scales = np.asarray(self.runner.softmax_scales, dtype=np.float32)[list(sel)]
-        bias = np.zeros((w, nb * bs), np.float32)
-        bias[:, num_slots:] = -np.inf
+        mask = np.zeros((w, nb * bs), bool)
+        mask[:, :num_slots] = True
         if causal:  # query i is slot S - W + i: it may not look at the slots after it
-            bias[:, num_slots - w:num_slots][np.triu_indices(w, 1)] = -np.inf
+            mask[:, num_slots - w:num_slots][np.triu_indices(w, 1)] = False
         return self._infer(self._request(sel), {
             "queries": queries[list(sel)] * scales[:, None, None, None],
             "block_rows": self._rows(tables, sel, num_slots),
-            "bias": bias,
+            "mask": mask,
             "window_slots": np.arange(num_slots - w, num_slots, dtype=np.int64),
         }, num_slots)
 
@@ -90,12 +90,12 @@ class CompiledWindowScorer:
         sel = tuple(int(x) for x in layers)
         s = np.asarray(scales, dtype=np.float32).reshape(-1, 1, 1)
         nb = -(-num_slots // self.runner.block_size)
-        bias = np.zeros((1, nb * self.runner.block_size), np.float32)
-        bias[:, num_slots:] = -np.inf
+        mask = np.zeros((1, nb * self.runner.block_size), bool)
+        mask[:, :num_slots] = True
         return self._infer(self._request(sel, "expected"), {
             "mean": mean.astype(np.float32) * s,
             "covariance": (np.zeros(mean.shape + mean.shape[-1:], np.float32) if cov is None
                            else cov.astype(np.float32) * (0.5 * s[..., None] ** 2)),
             "block_rows": self._rows(tables, sel, num_slots),
-            "bias": bias,
+            "mask": mask,
         }, num_slots)

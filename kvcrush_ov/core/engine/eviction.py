@@ -286,6 +286,14 @@ class Evictor:
             return np.zeros((len(layers), self.runner.num_q_heads, num_slots), np.float32)
         return self.scorer.window(tables, queries[:, -window:], num_slots, layers, causal)
 
+    @staticmethod
+    def _alike(kept: np.ndarray, tables: list) -> list[list[int]]:
+        """Layers grouped by (slots kept, blocks held): each group compacts in one call."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for layer, (n, table) in enumerate(zip(kept.tolist(), tables)):
+            groups.setdefault((n, len(table)), []).append(layer)
+        return list(groups.values())
+
     def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray) -> int:
         """Compact the sequence to the policy's keep-sets; return the tokens evicted per layer (mean)."""
         L, hkv = self.runner.num_layers, self.runner.num_kv_heads
@@ -330,11 +338,12 @@ class Evictor:
         # A forked sequence shares blocks with its parent: compaction writes only into private ones.
         self.runner.kv.copy_blocks(self.blocks.make_private(seq.seq_id, int(kept.max())))
         tables = self.blocks.tables[seq.seq_id]
-        keeps = []
-        for layer in range(L):
-            keep = np.nonzero(masks[layer])[1].reshape(hkv, kept[layer])  # sorted per head: time order kept
-            self.blocks.reorder(seq.seq_id, layer, self.runner.kv.compact(layer, tables[layer], keep))
-            keeps.append(keep)
+        # sorted per head: time order kept
+        keeps = [np.nonzero(masks[layer])[1].reshape(hkv, kept[layer]) for layer in range(L)]
+        for group in self._alike(kept, tables):  # layers keeping as many slots in as many blocks: one call
+            orders = self.runner.kv.compact_layers(group, [tables[i] for i in group], np.stack([keeps[i] for i in group]))
+            for layer, order in zip(group, orders):
+                self.blocks.reorder(seq.seq_id, layer, order)
         if glob.size and not uneven and (kept[glob] == kept[glob[0]]).all():  # its state covers the global layers
             st.policy_state = policy.compact(st.policy_state, np.stack([keeps[layer] for layer in glob]))
         self.blocks.trim(seq.seq_id, kept)

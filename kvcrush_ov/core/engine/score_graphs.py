@@ -10,12 +10,12 @@ Window graph inputs (n = layers in the graph, W = queries, nb = blocks read, S =
   queries        f32 [n, W, Hq, hd]   post-RoPE, times the layer's softmax scale; the newest last
   block_rows     i32 [n, Hkv, nb]     row of (block, KV head) in the pool seen as [blocks * Hkv, bs, hd]:
                                       block * Hkv + head, so the gather comes out head-major (no transpose)
-  bias           f32 [W, nb * bs]     0, or -inf where a query may not look: the causal mask, slots >= S
+  mask           bool [W, nb * bs]    where a query may look: not after it (causal), not at slots >= S
   window_slots   i64 [W]              slot of each query for the sliding-window rule (S - W + i)
   key_cache.N    pool type [blocks, Hkv, bs, hd], one per layer of the graph
 Output `scores` f32 [n, Hq, nb * bs]: per query head, softmax probabilities summed over the W queries
 (slots >= S are 0).
-Expected graph: the same key inputs and `bias` [1, nb * bs] (slots >= S), with `mean` f32 [n, Hq, hd]
+Expected graph: the same key inputs and `mask` [1, nb * bs] (slots < S), with `mean` f32 [n, Hq, hd]
 (times the scale) and `covariance` f32 [n, Hq, hd, hd] (times scale^2 / 2; zeros without covariance);
 output `scores` f32 [n, Hq, nb * bs]: softmax over the slots of mean.k + k^T covariance k.
 """
@@ -40,21 +40,22 @@ def _keys(pool: ov.Node, rows: ov.Output, shape: tuple[int, int, int, int]) -> o
     return ops.reshape(keys, _i64([hkv, -1, hd]), special_zero=False).output(0)
 
 
-def _layer_scores(pool: ov.Node, rows: ov.Output, q: ov.Output, bias: ov.Output,
+def _layer_scores(pool: ov.Node, rows: ov.Output, q: ov.Output, mask: ov.Output,
                   shape: tuple[int, int, int, int]) -> ov.Output:
-    """[Hq, nb*bs] for one layer: gather its blocks head-major, score the W queries per head (+ the mask
-    bias), softmax, sum over W. Slots past S are masked by the bias; the caller drops them."""
+    """[Hq, nb*bs] for one layer: gather its blocks head-major, score the W queries per head where the mask
+    allows, softmax, sum over W. Slots past S are masked (their rows hold whatever the pool held, NaN
+    included: a select, not an added -inf, keeps them out); the caller drops them."""
     hq, hkv, bs, hd = shape
     keys = _keys(pool, rows, shape)
     # query head h reads KV head h // g (GQA): [W, Hq, hd] -> [Hq, W, hd] -> [Hkv, g*W, hd]
     qh = ops.reshape(ops.transpose(q, _i64([1, 0, 2])), _i64([hkv, -1, hd]), special_zero=False)
     logits = ops.matmul(qh, keys, transpose_a=False, transpose_b=True)       # [Hkv, g*W, nb*bs]
     logits = ops.reshape(logits, _i64([hq, -1, 0]), special_zero=True)       # [Hq, W, nb*bs]
-    probs = ops.softmax(ops.add(logits, bias), -1)
+    probs = ops.softmax(ops.select(mask, logits, ops.constant(np.float32(-np.inf))), -1)
     return ops.reduce_sum(probs, _i64([1]), keep_dims=False)                  # [Hq, nb*bs]
 
 
-def _layer_expected(pool: ov.Node, rows: ov.Output, mean: ov.Output, cov: ov.Output, bias: ov.Output,
+def _layer_expected(pool: ov.Node, rows: ov.Output, mean: ov.Output, cov: ov.Output, mask: ov.Output,
                     shape: tuple[int, int, int, int]) -> ov.Output:
     """[Hq, nb*bs] for one layer: softmax over slots of mean.k + k^T cov k, per query head."""
     hq, hkv, bs, hd = shape
@@ -65,7 +66,7 @@ def _layer_expected(pool: ov.Node, rows: ov.Output, mean: ov.Output, cov: ov.Out
     k4 = ops.unsqueeze(keys, _i64([1]))                                       # [Hkv, 1, S', hd]
     quad = ops.reduce_sum(ops.multiply(ops.matmul(k4, sig, False, False), k4), _i64([-1]), keep_dims=False)
     logits = ops.reshape(ops.add(logits, quad), _i64([hq, -1]), special_zero=False)  # [Hq, S']
-    return ops.softmax(ops.add(logits, bias), -1).output(0)
+    return ops.softmax(ops.select(mask, logits, ops.constant(np.float32(-np.inf))), -1).output(0)
 
 
 def _per_layer(n: int, shape: tuple[int, int, int, int], pool_type: ov.Type, layer_fn) -> tuple[list, ov.Output]:
@@ -93,21 +94,20 @@ def build_window_graph(pool_type: ov.Type, num_q_heads: int, num_kv_heads: int, 
     """One graph for len(sliding_windows) layers (one window per layer of the graph, 0 = global)."""
     n, shape = len(sliding_windows), (num_q_heads, num_kv_heads, block_size, head_size)
     queries = ops.parameter(ov.PartialShape([n, -1, num_q_heads, head_size]), ov.Type.f32, name="queries")
-    bias = ops.parameter(ov.PartialShape([-1, -1]), ov.Type.f32, name="bias")
+    mask = ops.parameter(ov.PartialShape([-1, -1]), ov.Type.boolean, name="mask")
     window = ops.parameter(ov.PartialShape([-1]), ov.Type.i64, name="window_slots")
-    slots = ops.range(_i64(0), ops.gather(ops.shape_of(bias), _i64(1), _i64(0)), _i64(1), ov.Type.i64)
+    slots = ops.range(_i64(0), ops.gather(ops.shape_of(mask), _i64(1), _i64(0)), _i64(1), ov.Type.i64)
 
     def layer(i: int, pool: ov.Node, rows: ov.Output) -> ov.Output:
-        b = bias
+        m = mask
         if sliding_windows[i] > 0:  # key slot j is out of query i's window when j <= slot(i) - window
             edge = ops.subtract(ops.unsqueeze(window, _i64([1])), _i64(int(sliding_windows[i])))
-            gone = ops.less_equal(ops.unsqueeze(slots, _i64([0])), edge)
-            b = ops.select(gone, ops.constant(np.float32(-np.inf)), bias)
+            m = ops.logical_and(mask, ops.greater(ops.unsqueeze(slots, _i64([0])), edge))
         q = ops.squeeze(ops.gather(queries, _i64([i]), _i64(0)), _i64([0]))  # [W, Hq, hd]
-        return _layer_scores(pool, rows, q.output(0), b.output(0), shape)
+        return _layer_scores(pool, rows, q.output(0), m.output(0), shape)
 
     params, scores = _per_layer(n, shape, pool_type, layer)
-    return _model(scores, [queries, bias, window, *params], "window_scores")
+    return _model(scores, [queries, mask, window, *params], "window_scores")
 
 
 def build_expected_graph(pool_type: ov.Type, num_q_heads: int, num_kv_heads: int, block_size: int, head_size: int,
@@ -117,11 +117,11 @@ def build_expected_graph(pool_type: ov.Type, num_q_heads: int, num_kv_heads: int
     mean = ops.parameter(ov.PartialShape([num_layers, num_q_heads, head_size]), ov.Type.f32, name="mean")
     cov = ops.parameter(ov.PartialShape([num_layers, num_q_heads, head_size, head_size]), ov.Type.f32,
                         name="covariance")
-    bias = ops.parameter(ov.PartialShape([1, -1]), ov.Type.f32, name="bias")
+    mask = ops.parameter(ov.PartialShape([1, -1]), ov.Type.boolean, name="mask")
 
     def layer(i: int, pool: ov.Node, rows: ov.Output) -> ov.Output:
         pick = lambda x: ops.squeeze(ops.gather(x, _i64([i]), _i64(0)), _i64([0])).output(0)  # noqa: E731
-        return _layer_expected(pool, rows, pick(mean), pick(cov), bias.output(0), shape)
+        return _layer_expected(pool, rows, pick(mean), pick(cov), mask.output(0), shape)
 
     params, scores = _per_layer(num_layers, shape, pool_type, layer)
-    return _model(scores, [mean, cov, bias, *params], "expected_scores")
+    return _model(scores, [mean, cov, mask, *params], "expected_scores")
