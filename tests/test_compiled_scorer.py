@@ -11,6 +11,7 @@ import pytest
 from kvcrush_ov import CacheEvictionConfig, SchedulerConfig
 from kvcrush_ov.core.config import GenerationConfig
 from kvcrush_ov.core.engine.llm_engine import LLMEngine
+from kvcrush_ov.core.engine.compiled_scorer import CompiledWindowScorer
 from kvcrush_ov.core.engine.expected_attention import ExpectedOptions
 from kvcrush_ov.core.engine.scorer import BACKEND_ENV, Scorer
 from kvcrush_ov.core.errors import ConfigError
@@ -106,6 +107,24 @@ def test_expected_attention(tiny_llama_dir, budget):
             assert b.shape == a.shape == (len(layers), engine.runner.num_q_heads, n)
             np.testing.assert_allclose(b.sum(axis=-1), 1.0, rtol=1e-5)
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=TOL)  # shares of ~1/n: relative matters
+
+
+def test_f16_pool_is_not_converted_whole(tiny_llama_dir):
+    """Where the device would convert the whole f16 pool before the gather (this CPU: no f16 arithmetic),
+    the scorer keeps the numpy path, which reads only the sequence's blocks; scores agree either way."""
+    eviction = CacheEvictionConfig("snapkv", budget=2000, options={"window": 8})
+    engine = LLMEngine(tiny_llama_dir, "CPU", SchedulerConfig(cache_size=0.05, kv_cache_precision="f16",
+                                                              cache_eviction_config=eviction),
+                       {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = CompiledWindowScorer(engine.runner)
+    assert (engine.evictor.scorer._compiled is None) == (not compiled.reads_pool_in_place)
+    seq = engine.add_request(_prompt(100, seed=5), GenerationConfig(max_new_tokens=2, ignore_eos=True))
+    engine.step()
+    q, tables = engine.evictor.state(seq).queries, engine.blocks.tables[seq.seq_id]
+    layers = np.arange(engine.runner.num_layers)
+    a = Scorer(engine.runner, "numpy").window(tables, q, 100, layers)
+    assert np.abs(compiled.window(tables, q, 100, layers) - a).max() <= TOL
+    assert np.abs(engine.evictor.scorer.window(tables, q, 100, layers) - a).max() <= TOL
 
 
 def test_unknown_backend_is_refused(tiny_llama_dir, monkeypatch):

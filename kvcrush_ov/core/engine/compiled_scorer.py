@@ -18,12 +18,26 @@ _CACHE_KEYS = ("KV_CACHE_PRECISION", "KEY_CACHE_PRECISION", "VALUE_CACHE_PRECISI
                "VALUE_CACHE_GROUP_SIZE", "KEY_CACHE_QUANT_MODE", "INFERENCE_PRECISION_HINT")
 
 
+def _converts_inputs(compiled: ov.CompiledModel, prefix: str) -> bool:
+    """Whether the device converts whole inputs named prefix* before using them: the CPU plugin does so for
+    an element type it does not execute (f16 where the CPU has no f16 arithmetic), i.e. it would convert
+    the whole pool at every infer instead of gathering a sequence's blocks first."""
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        if op.get_friendly_name().startswith(prefix):
+            for target in op.output(0).get_target_inputs():
+                info = target.get_node().get_rt_info()
+                if "layerType" in info and info["layerType"].astype(str) in ("Convert", "Reorder"):
+                    return True
+    return False
+
+
 class CompiledWindowScorer:
     def __init__(self, runner) -> None:
         """Compiles the graph of the global layers (what every eviction of equal-length layers scores) now:
         compiling takes ~0.5 s on a 30-layer model, which the first eviction should not pay."""
         self.runner = runner
-        self._requests: dict[tuple[int, ...], ov.InferRequest] = {}
+        self._requests: dict[tuple[str, tuple[int, ...]], ov.InferRequest] = {}
+        self.reads_pool_in_place = True
         self.prepare("window")
 
     def prepare(self, kind: str) -> None:
@@ -33,7 +47,7 @@ class CompiledWindowScorer:
             self._request(glob, kind)
 
     @staticmethod
-    def supports(runner) -> bool:
+    def supports(runner) -> bool:  # (and, once compiled, reads_pool_in_place)
         """Float pools only: a quantized row keeps its scale and zero-point as raw f32 bytes in the row,
         which a graph cannot reinterpret (those caches are scored by the numpy reference)."""
         return runner.layout.precision in FLOAT_KV_PRECISIONS and bool(runner.softmax_scales)
@@ -48,7 +62,9 @@ class CompiledWindowScorer:
                      else build_expected_graph(*dims, len(layers)))
             props = {k: v for k, v in r.compile_properties.items() if k not in _CACHE_KEYS}
             props["INFERENCE_PRECISION_HINT"] = ov.Type.f32  # scores must match the f32 reference
-            request = r.core.compile_model(model, r.device, props).create_infer_request()
+            compiled = r.core.compile_model(model, r.device, props)
+            self.reads_pool_in_place &= not _converts_inputs(compiled, "key_cache.")
+            request = compiled.create_infer_request()
             for i, layer in enumerate(layers):
                 request.set_tensor(f"key_cache.{i}", r.kv.key_tensors[layer])
             self._requests[(kind, layers)] = request

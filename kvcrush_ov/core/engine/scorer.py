@@ -39,6 +39,8 @@ class Scorer:
         self.backend = backend
         self._compiled = (CompiledWindowScorer(runner) if backend == "openvino" and CompiledWindowScorer.supports(runner)
                           else None)
+        if self._compiled is not None and not self._compiled.reads_pool_in_place:
+            self._compiled = None  # the device would convert the whole pool per eviction: numpy reads less
         self._rope: Rope | None = None  # the model's RoPE, built when expected attention is first asked for
 
     def rope(self) -> Rope:
