@@ -55,17 +55,18 @@ def _compare(engine: LLMEngine, seq, queries: np.ndarray, num_slots: int, layers
     return worst
 
 
-def test_fresh_cache_real_and_random_queries(tiny_llama_dir):
+@pytest.mark.parametrize("n", [301, 1101])  # 1101: 35 blocks, read as 36 (one padding block, masked)
+def test_fresh_cache_real_and_random_queries(tiny_llama_dir, n):
     engine = _engine(tiny_llama_dir, budget=2000)
-    seq = engine.add_request(_prompt(301), GenerationConfig(max_new_tokens=2, ignore_eos=True))
-    engine.step()  # whole prompt, no eviction (under budget): 301 slots, not a multiple of the block
+    seq = engine.add_request(_prompt(n), GenerationConfig(max_new_tokens=2, ignore_eos=True))
+    engine.step()  # whole prompt, no eviction (under budget): n slots, not a multiple of the block
     assert engine.evictor.stats.evictions == 0
     real = engine.evictor.state(seq).queries
     L = engine.runner.num_layers
-    assert _compare(engine, seq, real, 301, np.arange(L)) <= TOL
-    _poison_unused_rows(engine, seq, 301)
+    assert _compare(engine, seq, real, n, np.arange(L)) <= TOL
+    _poison_unused_rows(engine, seq, n)
     rnd = np.random.default_rng(1).standard_normal(real.shape).astype(np.float32) * 3
-    assert _compare(engine, seq, rnd, 301, np.arange(L)) <= TOL
+    assert _compare(engine, seq, rnd, n, np.arange(L)) <= TOL
     assert _compare(engine, seq, rnd[:, -3:], 200, np.array([L - 1])) <= TOL  # a subset, fewer slots
 
 

@@ -70,10 +70,20 @@ class CompiledWindowScorer:
             self._requests[(kind, layers)] = request
         return request
 
-    def _rows(self, tables: list, layers: tuple[int, ...], num_slots: int) -> np.ndarray:
-        """i32 [n, Hkv, nb]: the pool row (block * Hkv + head) of each layer's first nb blocks, per KV head."""
+    def _blocks_read(self, num_slots: int) -> int:
+        """Blocks a call reads: the slots' blocks rounded up to one of 8 sizes per doubling (<= 1/8 more).
+        A dynamic-shape graph prepares its kernels again for every new shape (~10+ ms at 4k slots): the
+        prompt-end eviction of every request would pay it, as prompt lengths differ."""
+        nb = -(-num_slots // self.runner.block_size)
+        step = 1 << max(0, nb.bit_length() - 4)
+        return -(-nb // step) * step
+
+    def _rows(self, tables: list, layers: tuple[int, ...], num_slots: int, num_blocks: int) -> np.ndarray:
+        """i32 [n, Hkv, num_blocks]: the pool row (block * Hkv + head) of each layer's blocks, per KV head;
+        past the slots' own blocks, the last one again (read, then masked)."""
         hkv = self.runner.num_kv_heads
         blocks = np.array([tables[i][:-(-num_slots // self.runner.block_size)] for i in layers], dtype=np.int32)
+        blocks = np.pad(blocks, ((0, 0), (0, num_blocks - blocks.shape[1])), mode="edge")
         return blocks[:, None, :] * hkv + np.arange(hkv, dtype=np.int32)[None, :, None]
 
     def _infer(self, request: ov.InferRequest, inputs: dict, num_slots: int) -> np.ndarray:
@@ -86,7 +96,7 @@ class CompiledWindowScorer:
         """Scorer.window's contract: [len(layers), Hq, num_slots] f32, queries [L, W, Hq, hd]."""
         sel = tuple(int(x) for x in layers)
         w, bs = queries.shape[1], self.runner.block_size
-        nb = -(-num_slots // bs)
+        nb = self._blocks_read(num_slots)
         scales = np.asarray(self.runner.softmax_scales, dtype=np.float32)[list(sel)]
         mask = np.zeros((w, nb * bs), bool)
         mask[:, :num_slots] = True
@@ -94,7 +104,7 @@ class CompiledWindowScorer:
             mask[:, num_slots - w:num_slots][np.triu_indices(w, 1)] = False
         return self._infer(self._request(sel), {
             "queries": queries[list(sel)] * scales[:, None, None, None],
-            "block_rows": self._rows(tables, sel, num_slots),
+            "block_rows": self._rows(tables, sel, num_slots, nb),
             "mask": mask,
             "window_slots": np.arange(num_slots - w, num_slots, dtype=np.int64),
         }, num_slots)
@@ -105,13 +115,13 @@ class CompiledWindowScorer:
         future queries' mean [n, Hq, hd] and covariance [n, Hq, hd, hd] (or None) of those layers."""
         sel = tuple(int(x) for x in layers)
         s = np.asarray(scales, dtype=np.float32).reshape(-1, 1, 1)
-        nb = -(-num_slots // self.runner.block_size)
+        nb = self._blocks_read(num_slots)
         mask = np.zeros((1, nb * self.runner.block_size), bool)
         mask[:, :num_slots] = True
         return self._infer(self._request(sel, "expected"), {
             "mean": mean.astype(np.float32) * s,
             "covariance": (np.zeros(mean.shape + mean.shape[-1:], np.float32) if cov is None
                            else cov.astype(np.float32) * (0.5 * s[..., None] ** 2)),
-            "block_rows": self._rows(tables, sel, num_slots),
+            "block_rows": self._rows(tables, sel, num_slots, nb),
             "mask": mask,
         }, num_slots)
