@@ -11,7 +11,7 @@ import pytest
 from kvcrush_ov import CacheEvictionConfig, SchedulerConfig
 from kvcrush_ov.core.config import GenerationConfig
 from kvcrush_ov.core.engine.llm_engine import LLMEngine
-from kvcrush_ov.core.engine.compiled_scorer import CompiledWindowScorer
+from kvcrush_ov.core.engine.compiled_scorer import CompiledScorer
 from kvcrush_ov.core.engine.expected_attention import ExpectedOptions
 from kvcrush_ov.core.engine.scorer import BACKEND_ENV, Scorer
 from kvcrush_ov.core.errors import ConfigError
@@ -117,7 +117,7 @@ def test_f16_pool_is_not_converted_whole(tiny_llama_dir):
     engine = LLMEngine(tiny_llama_dir, "CPU", SchedulerConfig(cache_size=0.05, kv_cache_precision="f16",
                                                               cache_eviction_config=eviction),
                        {"INFERENCE_PRECISION_HINT": "f32"})
-    compiled = CompiledWindowScorer(engine.runner)
+    compiled = CompiledScorer(engine.runner)
     assert (engine.evictor.scorer._compiled is None) == (not compiled.reads_pool_in_place)
     seq = engine.add_request(_prompt(100, seed=5), GenerationConfig(max_new_tokens=2, ignore_eos=True))
     engine.step()

@@ -1,8 +1,9 @@
 """Runs score_graphs.py's compiled scorers: Scorer.window's and Scorer.expected's scores, by OpenVINO.
 
-One compiled model per kind and set of layers scored together (usually every global layer; one layer at a time
-once layers hold different lengths), compiled on first use with the main model's core, device and
-thread settings, f32 inference. The pool's key tensors are bound once per compiled model: the graph
+One compiled model per kind (window, expected) and set of layers scored together (usually every global
+layer; one layer at a time once layers hold different lengths), with the main model's core, device and
+thread settings, f32 inference: the global layers' window graph when the engine is built, the others
+on first use. The pool's key tensors are bound once per compiled model: the graph
 reads the live pool, so nothing is copied before an infer.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _converts_inputs(compiled: ov.CompiledModel, prefix: str) -> bool:
     return False
 
 
-class CompiledWindowScorer:
+class CompiledScorer:
     def __init__(self, runner) -> None:
         """Compiles the graph of the global layers (what every eviction of equal-length layers scores) now:
         compiling takes ~0.5 s on a 30-layer model, which the first eviction should not pay."""

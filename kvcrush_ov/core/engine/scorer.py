@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import ConfigError
 from . import expected_attention
 from .attention_scores import window_scores
-from .compiled_scorer import CompiledWindowScorer
+from .compiled_scorer import CompiledScorer
 from .expected_attention import ExpectedOptions, QueryStats, Rope
 from .model_runner import ModelRunner
 
@@ -37,7 +37,7 @@ class Scorer:
             raise ConfigError(f"scorer backend {backend!r} is not one of {', '.join(BACKENDS)} (${BACKEND_ENV})")
         self.runner = runner
         self.backend = backend
-        self._compiled = (CompiledWindowScorer(runner) if backend == "openvino" and CompiledWindowScorer.supports(runner)
+        self._compiled = (CompiledScorer(runner) if backend == "openvino" and CompiledScorer.supports(runner)
                           else None)
         if self._compiled is not None and not self._compiled.reads_pool_in_place:
             self._compiled = None  # the device would convert the whole pool per eviction: numpy reads less
