@@ -32,7 +32,7 @@ def _eviction_config(args: argparse.Namespace, policy: str | None = None, budget
         return None
     options = parse_options(getattr(args, "policy_option", None) or [])
     return CacheEvictionConfig(policy, budget=budget or args.budget, options=options, prefill=args.prefill,
-                               prefill_chunk=args.prefill_chunk)
+                               prefill_chunk=args.prefill_chunk, decode_slack=getattr(args, "decode_slack", 0))
 
 
 def _add_prefill_args(p: argparse.ArgumentParser) -> None:
@@ -42,6 +42,9 @@ def _add_prefill_args(p: argparse.ArgumentParser) -> None:
                         "chunked: always compact during prefill (memory bounded, decides before the question)")
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="memory-bounded prefill: prompt tokens cached between compactions (0 = the budget)")
+    p.add_argument("--decode-slack", type=int, default=0,
+                   help="decoding evicts once a sequence holds one block + this many tokens (whole blocks) past "
+                        "its budget (0: every block)")
 
 
 def _scheduler_config(args: argparse.Namespace, eviction=None):

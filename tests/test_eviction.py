@@ -143,18 +143,34 @@ def test_generation_after_eviction_matches_masked_hf_reference(tok):
             np.testing.assert_allclose(o.logits[0, -1].numpy(), logits[step], atol=1e-4)
 
 
-def test_decode_time_eviction_keeps_cache_within_budget(tiny_llama_dir, tok):
-    ids = tok.prepare("Count slowly.", True)
-    e = make_engine(tiny_llama_dir, CacheEvictionConfig("snapkv", budget=40, options=small_options("snapkv")))
-    s = e.add_request(ids, GenerationConfig(max_new_tokens=120, ignore_eos=True))
+def _decode_with_eviction(model_dir, tok, new_tokens: int, **config) -> tuple[LLMEngine, object, int]:
+    """(engine, sequence, peak slots held) after generating new_tokens with snapkv at budget 40."""
+    e = make_engine(model_dir, CacheEvictionConfig("snapkv", budget=40, options=small_options("snapkv"), **config))
+    s = e.add_request(tok.prepare("Count slowly.", True), GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True))
     peak = 0
     while e.has_unfinished:
         e.step()
         peak = max(peak, e.blocks.cache_len(s.seq_id))
         e.blocks.check_invariants()
-    assert s.num_generated == 120
+    assert s.num_generated == new_tokens
+    return e, s, peak
+
+
+def test_decode_time_eviction_keeps_cache_within_budget(tiny_llama_dir, tok):
+    e, s, peak = _decode_with_eviction(tiny_llama_dir, tok, 120)
     assert peak < 40 + e.runner.block_size and s.metrics.evictions >= 3
     assert e.blocks.num_used_blocks == 0
+
+
+def test_decode_slack_makes_fewer_larger_evictions(tiny_llama_dir, tok):
+    """decode_slack=40 rounds up to 2 blocks: decoding evicts at budget + 3 blocks, not + 1 block."""
+    peaks, evictions = {}, {}
+    for slack in (0, 40):
+        e, s, peaks[slack] = _decode_with_eviction(tiny_llama_dir, tok, 200, decode_slack=slack)
+        evictions[slack] = s.metrics.evictions
+    bs = e.runner.block_size
+    assert peaks[0] < 40 + bs and 40 + bs < peaks[40] < 40 + 3 * bs
+    assert evictions[40] <= evictions[0] // 2 and evictions[40] >= 2
 
 
 def test_fork_fans_one_prefill_out_to_policies(tiny_llama_dir, tok):
@@ -191,6 +207,7 @@ def test_fork_fans_one_prefill_out_to_policies(tiny_llama_dir, tok):
     ({"options": {"anchors": "north"}}, "anchor"),
     ({"options": {"representative_fraction": 1.5}}, "representative_fraction"),
     ({"policy": "snapkv", "options": {"sink_tokens": -1}}, "sink_tokens"),
+    ({"decode_slack": -32}, "decode_slack"),
 ])
 def test_bad_eviction_configs(kwargs, match):
     with pytest.raises(kvcrush_ov.ConfigError, match=match):

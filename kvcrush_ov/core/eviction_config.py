@@ -46,6 +46,10 @@ class CacheEvictionConfig:
     budget: int = 512
     options: dict[str, Any] = field(default_factory=dict)
     evict_during_decode: bool = True
+    # Decoding evicts each time a layer holds one block + decode_slack tokens (rounded up to whole blocks)
+    # past its budget: a slack makes decoding evictions fewer and larger (each scores and moves a whole
+    # cache) at the cost of holding up to that many more slots. 0: every block.
+    decode_slack: int = 0
     score_window: int = 0  # queries scored per eviction; 0 = the policy's window (or 32 if it accumulates)
     # When the prompt is evicted. "auto" (default): after the whole prompt whenever the KV pool can hold
     # it (the question has been read, so its queries choose what stays), memory-bounded ("chunked") only
@@ -114,6 +118,9 @@ class CacheEvictionConfig:
         if self.prefill not in PREFILL_MODES:
             raise ConfigError(f"CacheEvictionConfig.prefill must be one of {', '.join(map(repr, PREFILL_MODES))}, "
                               f"got {self.prefill!r}")
+        if not isinstance(self.decode_slack, int) or isinstance(self.decode_slack, bool) or self.decode_slack < 0:
+            raise ConfigError(f"CacheEvictionConfig.decode_slack must be an integer >= 0 (KV tokens), "
+                              f"got {self.decode_slack!r}")
         if not isinstance(self.evict_during_decode, bool):
             raise ConfigError(f"CacheEvictionConfig.evict_during_decode must be True or False, "
                               f"got {self.evict_during_decode!r}")

@@ -54,6 +54,11 @@ class EvictionPlan:
     expected: bool = False    # score the prompt-end and decoding evictions with expected attention
     expected_options: ExpectedOptions = ExpectedOptions()
     prefill_policy: Policy | None = None  # the policy of compactions inside the prompt (None: `policy`)
+    decode_slack: int = 0     # tokens (whole blocks) decoding may grow past one block over the target
+
+    def decode_growth(self, block_size: int) -> int:
+        """Slots a sequence that evicts while decoding may hold past its target before it evicts again."""
+        return block_size + self.decode_slack
 
     @property
     def query_window(self) -> int:
@@ -121,9 +126,11 @@ class Evictor:
         """Validate a config against this engine (pool, context, cache precision) and resolve it."""
         policy, budget, window = config.resolved_policy, config.budget, config.window
         bs, pool = self.runner.block_size, self.blocks.num_blocks * self.runner.block_size
-        if budget + bs > pool:
-            raise ConfigError(f"eviction budget {budget} (+ one block of growth) does not fit the KV pool of "
-                              f"{self.blocks.num_blocks} blocks ({pool} tokens); lower the budget or raise cache_size")
+        slack = -(-config.decode_slack // bs) * bs
+        if budget + bs + slack > pool:
+            raise ConfigError(f"eviction budget {budget} (+ one block of growth{f' + decode_slack {slack}' * bool(slack)}) "
+                              f"does not fit the KV pool of {self.blocks.num_blocks} blocks ({pool} tokens); lower the "
+                              f"budget or raise cache_size")
         # Memory-bounded prefill adds this many prompt tokens between compactions (the budget unless set;
         # fewer, larger compactions cost less and decide on more context): budget + chunk + one block
         # must fit the pool, so the chunk shrinks to fit.
@@ -144,13 +151,14 @@ class Evictor:
                             prefill_expected=bounded and config.prefill_scores == "expected" and window > 0,
                             expected=config.scores == "expected" and window > 0,
                             expected_options=ExpectedOptions(config.expected_future,
-                                                             value_norm=config.expected_value_norm))
+                                                             value_norm=config.expected_value_norm),
+                            decode_slack=-(-config.decode_slack // bs) * bs)
         if bounded:
             plan = replace(plan, prefill_policy=policy.keeping_spans(config.prefill_pool_back))
         if plan.during_prefill and not plan.prefill_chunk:
             raise self.no_chunk_error(plan)
         if plan.expected or plan.prefill_expected:
-            self.scorer.rope()  # a model without a usable RoPE fails here, with the config, not mid-run
+            self.scorer.prepare_expected()  # a model without a usable RoPE fails here, with the config, not mid-run
         if self.runner.max_position and plan.budget > self.runner.max_position:
             raise ConfigError(f"eviction budget {plan.budget} exceeds the model's context ({self.runner.max_position} "
                               f"tokens); use a budget below it")
@@ -235,8 +243,8 @@ class Evictor:
             return int(lens.max()) > plan.budget
         if not st.scored_prompt_end:
             return bool((lens > st.targets).any())
-        # a block's worth past its target in any layer
-        return plan.during_decode and bool((lens >= st.targets + self.runner.block_size).any())
+        # a block (+ the decode slack) past its target in any layer
+        return plan.during_decode and bool((lens >= st.targets + plan.decode_growth(self.runner.block_size)).any())
 
     def _observe_stats(self, chunk: ScheduledChunk, st: EvictionState, queries: np.ndarray) -> None:
         seq = chunk.seq
@@ -286,6 +294,14 @@ class Evictor:
             return np.zeros((len(layers), self.runner.num_q_heads, num_slots), np.float32)
         return self.scorer.window(tables, queries[:, -window:], num_slots, layers, causal)
 
+    @staticmethod
+    def _alike(kept: np.ndarray, tables: list) -> list[list[int]]:
+        """Layers grouped by (slots kept, blocks held): each group compacts in one call."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for layer, (n, table) in enumerate(zip(kept.tolist(), tables)):
+            groups.setdefault((n, len(table)), []).append(layer)
+        return list(groups.values())
+
     def _evict(self, seq: Sequence, plan: EvictionPlan, st: EvictionState, lens: np.ndarray) -> int:
         """Compact the sequence to the policy's keep-sets; return the tokens evicted per layer (mean)."""
         L, hkv = self.runner.num_layers, self.runner.num_kv_heads
@@ -330,11 +346,12 @@ class Evictor:
         # A forked sequence shares blocks with its parent: compaction writes only into private ones.
         self.runner.kv.copy_blocks(self.blocks.make_private(seq.seq_id, int(kept.max())))
         tables = self.blocks.tables[seq.seq_id]
-        keeps = []
-        for layer in range(L):
-            keep = np.nonzero(masks[layer])[1].reshape(hkv, kept[layer])  # sorted per head: time order kept
-            self.blocks.reorder(seq.seq_id, layer, self.runner.kv.compact(layer, tables[layer], keep))
-            keeps.append(keep)
+        # sorted per head: time order kept
+        keeps = [np.nonzero(masks[layer])[1].reshape(hkv, kept[layer]) for layer in range(L)]
+        for group in self._alike(kept, tables):  # layers keeping as many slots in as many blocks: one call
+            orders = self.runner.kv.compact_layers(group, [tables[i] for i in group], np.stack([keeps[i] for i in group]))
+            for layer, order in zip(group, orders):
+                self.blocks.reorder(seq.seq_id, layer, order)
         if glob.size and not uneven and (kept[glob] == kept[glob[0]]).all():  # its state covers the global layers
             st.policy_state = policy.compact(st.policy_state, np.stack([keeps[layer] for layer in glob]))
         self.blocks.trim(seq.seq_id, kept)

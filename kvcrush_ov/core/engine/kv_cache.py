@@ -91,6 +91,7 @@ class KVCache:
                 tensor = ov.Tensor(compiled.input(name).get_element_type(), [num_blocks, *shape])
                 request.set_tensor(name, tensor)
                 self._tensors.append(tensor)
+        self.key_tensors = self._tensors[0::2]  # the pool's own tensors (a compiled scorer reads them in place)
         # u4 storage comes out as flat packed bytes: view it as [blocks, Hkv, rows, row bytes]
         view = lambda t: t.data.reshape(num_blocks, *t.get_shape()[1:-1], -1)  # noqa: E731
         self.keys = [view(t) for t in self._tensors[0::2]]
@@ -141,21 +142,30 @@ class KVCache:
         destination block whose slots all come, in order, from one later block in every head (e.g. the
         recent window, when the evicted count is a multiple of the block size) takes that block in the
         table instead of being copied; the other rows move with one gather and one scatter per tensor."""
+        return self.compact_layers([layer], [table], keep[None])[0]
+
+    def compact_layers(self, layers: list[int], tables: list[list[int]], keeps: np.ndarray) -> list[list[int]]:
+        """compact() for several layers that keep the same count (keeps [len(layers), Hkv, n]) and hold
+        the same number of blocks: the row arithmetic is done once for all of them, then one gather and
+        one scatter per pool tensor."""
         self.require_token_rows("eviction")
-        hkv, n = keep.shape
+        nl, hkv, n = keeps.shape
         bs = self.layout.block_size
-        order = self._remap_whole_blocks(keep, len(table), bs)
+        blocks = np.asarray(tables, dtype=np.int64)                                  # [nl, nb]
+        orders = np.stack([self._remap_whole_blocks(keep, blocks.shape[1], bs) for keep in keeps])
         dst = np.arange(n)
-        moved = (keep != dst) & (order[dst // bs] == dst // bs)  # in place, or arriving whole: no row copy
-        if moved.any():
-            head, slot = np.nonzero(moved)
-            blocks = np.asarray(table, dtype=np.int64)
-            src = keep[head, slot]
-            src_rows = (blocks[src // bs] * hkv + head) * bs + src % bs
-            dst_rows = (blocks[slot // bs] * hkv + head) * bs + slot % bs
-            for rows in self._rows[layer]:
-                rows[dst_rows] = rows[src_rows]  # the right side is gathered first (a copy): safe to overwrite
-        return [table[i] for i in order]
+        arriving = orders[:, dst // bs] == dst // bs                                # in place or arriving whole
+        li, head, slot = np.nonzero((keeps != dst) & arriving[:, None, :])            # rows to copy
+        if li.size:
+            src = keeps[li, head, slot]
+            src_rows = (blocks[li, src // bs] * hkv + head) * bs + src % bs
+            dst_rows = (blocks[li, slot // bs] * hkv + head) * bs + slot % bs
+            bounds = np.searchsorted(li, np.arange(nl + 1))                          # li is sorted
+            for i, layer in enumerate(layers):
+                part = slice(bounds[i], bounds[i + 1])
+                for rows in self._rows[layer]:  # the right side is gathered first (a copy): safe to overwrite
+                    rows[dst_rows[part]] = rows[src_rows[part]]
+        return [[table[j] for j in order] for table, order in zip(tables, orders.tolist())]
 
     @staticmethod
     def _remap_whole_blocks(keep: np.ndarray, num_blocks: int, bs: int) -> np.ndarray:

@@ -117,6 +117,7 @@ class ModelRunner:
         if device.upper() not in [d.upper() for d in self.core.available_devices] and not device.upper().startswith(
                 ("AUTO", "HETERO", "MULTI")):
             raise ModelError(f"device {device!r} is not available here; available: {', '.join(self.core.available_devices)}")
+        self.device, self.compile_properties = device, props  # a compiled scorer runs with the same settings
         try:
             self.compiled = self.core.compile_model(model, device, props)
         except RuntimeError as e:

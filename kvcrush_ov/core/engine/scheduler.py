@@ -116,7 +116,7 @@ class Scheduler:
         if plan is None:
             return most
         bs = self.blocks.block_size
-        grow = bs if plan.during_decode else num_new
+        grow = plan.decode_growth(bs) if plan.during_decode else num_new
         if plan.during_prefill:
             return min(most, max(plan.budget + plan.prefill_chunk + bs, plan.budget + grow))
         return min(most, max(num_tokens + 1, plan.budget + grow))  # the whole prompt once, then the budget
@@ -127,7 +127,7 @@ class Scheduler:
         plan, num_new = seq.eviction, seq.config.max_new_tokens - seq.num_generated
         if seq.status is Status.WAITING or seq.num_uncomputed > 1:  # (re)filling its prompt
             return self.blocks.blocks_for(self.footprint(len(seq), num_new, plan))
-        grow = self.blocks.block_size if plan.during_decode else num_new
+        grow = plan.decode_growth(self.blocks.block_size) if plan.during_decode else num_new
         return self.blocks.blocks_for(min(self.blocks.cache_len(seq.seq_id) + num_new, plan.budget + grow))
 
     def _admits(self, seq: Sequence) -> bool:

@@ -7,24 +7,40 @@ One interface, two sources of scores:
             of every query seen so far (expected_attention.py): needs no question.
 Keys are read from the paged pool through the sequence's block tables, a group of layers per numpy
 call (a few calls per eviction instead of one per layer; the group bounds the temporaries). This numpy
-code is the reference a compiled scorer must match.
+code is the reference the compiled scorer (compiled_scorer.py, the default on float caches; expected
+attention weighted by value norms stays in numpy) must match; KVCRUSH_OV_SCORER=numpy (or Scorer(backend="numpy")) scores with it instead.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
 from ..errors import ConfigError
 from . import expected_attention
 from .attention_scores import window_scores
+from .compiled_scorer import CompiledScorer
 from .expected_attention import ExpectedOptions, QueryStats, Rope
 from .model_runner import ModelRunner
 
 _GROUP_ELEMENTS = 1 << 15  # layers per numpy call x slots: bounds the [group, Hq, W, slots] temporaries
+BACKENDS = ("openvino", "numpy")
+BACKEND_ENV = "KVCRUSH_OV_SCORER"
 
 
 class Scorer:
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, backend: str | None = None) -> None:
+        """backend: "openvino" (compiled window scores where the cache allows, else numpy) or "numpy" (the
+        reference); default from $KVCRUSH_OV_SCORER, else openvino."""
+        backend = backend or os.environ.get(BACKEND_ENV) or "openvino"
+        if backend not in BACKENDS:
+            raise ConfigError(f"scorer backend {backend!r} is not one of {', '.join(BACKENDS)} (${BACKEND_ENV})")
         self.runner = runner
+        self.backend = backend
+        self._compiled = (CompiledScorer(runner) if backend == "openvino" and CompiledScorer.supports(runner)
+                          else None)
+        if self._compiled is not None and not self._compiled.reads_pool_in_place:
+            self._compiled = None  # the device would convert the whole pool per eviction: numpy reads less
         self._rope: Rope | None = None  # the model's RoPE, built when expected attention is first asked for
 
     def rope(self) -> Rope:
@@ -38,6 +54,12 @@ class Scorer:
                                   f"prefill_scores/scores 'window'") from None
         return self._rope
 
+    def prepare_expected(self) -> None:
+        """Checks the model's RoPE and compiles the expected-attention graph now, not in an eviction."""
+        self.rope()
+        if self._compiled is not None:
+            self._compiled.prepare("expected")
+
     def add_queries(self, stats: QueryStats | None, queries: np.ndarray, first_position: int,
                     options: ExpectedOptions) -> QueryStats:
         """Running statistics with queries [L, T, Hq, hd] (post-RoPE, at positions first_position..) added."""
@@ -49,10 +71,11 @@ class Scorer:
                causal: bool = True) -> np.ndarray:
         """[len(layers), Hq, num_slots]: the attention queries [L, W, Hq, hd] paid to each of the first
         num_slots cached slots (causal: the queries are the newest W slots; else they come after all)."""
-        out = np.empty((len(layers), self.runner.num_q_heads, num_slots), np.float32)
         if not queries.shape[1]:
-            out[...] = 0.0
-            return out
+            return np.zeros((len(layers), self.runner.num_q_heads, num_slots), np.float32)
+        if self._compiled is not None:
+            return self._compiled.window(tables, queries, num_slots, layers, causal)
+        out = np.empty((len(layers), self.runner.num_q_heads, num_slots), np.float32)
         scales = np.asarray(self.runner.softmax_scales, dtype=np.float32)[layers]
         windows = np.asarray(self.runner.sliding_windows, dtype=np.int64)[layers]
         group = max(1, _GROUP_ELEMENTS // max(num_slots, 1))
@@ -70,6 +93,10 @@ class Scorer:
                  layers: np.ndarray) -> np.ndarray:
         """[len(layers), Hq, num_slots]: the attention expected from the queries at position.. onwards."""
         scales = np.asarray(self.runner.softmax_scales, dtype=np.float32)
+        if self._compiled is not None and not options.value_norm:  # (value norms: numpy reads the values)
+            mean, cov = expected_attention.future_moments(stats, self.rope(), position, options.future, layers,
+                                                          options.covariance)
+            return self._compiled.expected(tables, mean, cov, scales[layers], num_slots, layers)
         group = max(1, _GROUP_ELEMENTS // max(num_slots, 1))
         out = np.empty((len(layers), self.runner.num_q_heads, num_slots), np.float32)
         for lo in range(0, len(layers), group):

@@ -30,7 +30,7 @@ from ...core.eviction_config import PREFILL_MODES, CacheEvictionConfig
 
 # eval variants may set them
 PREFILL_OPTIONS = ("prefill", "prefill_chunk", "prefill_window", "prefill_scores", "prefill_pool_back", "scores",
-                   "expected_future", "expected_value_norm")
+                   "expected_future", "expected_value_norm", "decode_slack")
 from ...core.options import parse_policy_spec as parse_policy
 from ...core.policies import POLICIES, defaults, make_policy
 from .metrics import exact_match_rate, rouge_l, score
