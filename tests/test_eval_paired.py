@@ -71,3 +71,14 @@ def test_summary_rows_and_report_marks():
 def test_reference_must_be_evaluated():
     with pytest.raises(ConfigError, match="--reference 'snapkv' is not among"):
         EvalConfig(policies=["full", "kvcrush"], budgets=[0.25], reference="snapkv")
+
+
+def test_one_sample_never_excludes_zero():
+    """A single paired sample has a zero-width bootstrap CI: it is not evidence of a difference."""
+    rows = [{"id": "a", "policy": p, "budget": 0.25, "kv_precision": "bf16", "score": s, "rouge_l_full": s, "kl": 0.0}
+            for p, s in (("x", 100.0), ("ref", 0.0))]
+    d = paired_differences(rows, "x", 0.25, "bf16", "ref")
+    assert d["score"]["n"] == 1 and d["score"]["ci_low"] == d["score"]["ci_high"] == 100.0
+    assert not excludes_zero(d["score"])
+    rows += [{**r, "id": "b"} for r in rows]
+    assert excludes_zero(paired_differences(rows, "x", 0.25, "bf16", "ref")["score"])

@@ -33,8 +33,11 @@ def paired_bootstrap(diffs: Sequence[float], n_boot: int = 2000, seed: int = 0,
 
 
 def excludes_zero(stat: dict | None) -> bool:
-    """True when the CI lies entirely on one side of 0 (a difference the data supports)."""
-    return bool(stat and stat.get("ci_low") is not None and (stat["ci_low"] > 0 or stat["ci_high"] < 0))
+    """True when the CI lies entirely on one side of 0 (a difference the data supports); never from one
+    sample, whose CI has zero width because there is nothing to resample."""
+    if not stat or stat.get("ci_low") is None or stat.get("n", 2) < 2:
+        return False
+    return stat["ci_low"] > 0 or stat["ci_high"] < 0
 
 
 def paired_differences(rows: list[dict], policy: str, budget: float, precision: str, reference: str,
