@@ -66,3 +66,12 @@ def test_bad_arguments_one_line():
         real_text(count, tasks=["nope"])
     with pytest.raises(ConfigError, match="lengths"):
         real_text(count, lengths=(100,))
+
+
+def test_long_prompts_or_a_clear_error():
+    """16k code prompts come from files long enough for them; a task whose text runs out says so."""
+    long = real_text(count, lengths=(16384,), samples_per_task=2, tasks=["code_continue", "fewshot_classify"])
+    for s in long:
+        assert abs(count(s.prompt) - 16384) <= 0.06 * 16384, (s.id, count(s.prompt))
+    with pytest.raises(ConfigError, match="never reached"):
+        real_text(count, lengths=(65536,), samples_per_task=1, tasks=["doc_qa"])

@@ -123,7 +123,11 @@ def _in_split(items, split: str, key=lambda x: x[0]):
 
 
 def code_continue(rng: random.Random, length: int, count_tokens: CountTokens, split: str) -> dict:
-    name, lines = rng.choice(_in_split(_stdlib_files(), split))
+    # Only files with room for the prompt (about 4 characters a token): at 16k a short file cannot reach it.
+    files = [f for f in _in_split(_stdlib_files(), split) if sum(map(len, f[1])) + len(f[1]) >= 4 * length]
+    if not files:
+        raise ConfigError(f"real-text code_continue: no standard-library file is long enough for {length} tokens")
+    name, lines = rng.choice(files)
     head = f"# {name}\n"
 
     def informative(i: int) -> bool:
@@ -158,7 +162,7 @@ def doc_qa(rng: random.Random, length: int, count_tokens: CountTokens, split: st
 
     def render(n: int, target: int | None = None) -> str:
         body = "\n\n".join(_doc_entry(m, e) for m, e in stream[:n])
-        t = stream[target if target is not None else int(depth * max(n - 1, 0))]
+        t = stream[target if target is not None else min(int(depth * max(n - 1, 0)), len(stream) - 1)]
         q = f"According to the documentation above, what does `{t[0]}.{t[1][0]}` do? Answer in one sentence."
         return f"{intro}\n\n{body}\n\n{q}"
 
