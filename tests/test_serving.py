@@ -135,6 +135,21 @@ def test_per_request_eviction_override(server, client):
     assert server.metrics()["kvcrush_evictions_total"] == after["kvcrush_evictions_total"] and full.choices[0].text
 
 
+def test_per_request_decode_slack_evicts_less_often(server, client):
+    """`decode_slack` in the override reaches the engine: decoding 64 tokens past the budget compacts
+    at every block without it and not at all with 64 tokens of slack (the prompt is compacted in both)."""
+    prompt = "The harbor lights were blinking in the fog. " * 60
+
+    def evictions(**extra) -> float:
+        before = server.metrics()["kvcrush_evictions_total"]
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=64, temperature=0, extra_body={
+            "ignore_eos": True, "kv_cache_eviction": {"policy": "snapkv", "budget": 128, **extra}})
+        return server.metrics()["kvcrush_evictions_total"] - before
+
+    every_block, slack = evictions(), evictions(decode_slack=64, prefill="after")
+    assert 1 <= slack < every_block, (slack, every_block)
+
+
 def test_client_disconnect_mid_stream_aborts_and_frees_blocks(server):
     server.wait_idle()
     cancelled0 = server.metrics().get("kvcrush_requests_finished_total{status=cancel}", 0)
@@ -180,6 +195,10 @@ BAD = [
      "budget"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "kv_cache_eviction": {"policy": "kvcrush", "budget": 64,
                                                                                "options": {"nonsense": 1}}}, "nonsense"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "kv_cache_eviction": {"policy": "snapkv", "budget": 64,
+                                                                               "decode_slack": -16}}, "decode_slack"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "kv_cache_eviction": {"policy": "snapkv", "budget": 64,
+                                                                               "prefill": "later"}}, "prefill"),
 ]
 
 

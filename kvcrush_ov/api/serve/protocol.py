@@ -15,13 +15,16 @@ from ...core.eviction_config import DEFAULT_EVICTION, CacheEvictionConfig, Reque
 
 
 class KVCacheEviction(BaseModel):
-    """Per-request eviction override: {"policy": "kvcrush", "budget": 512, "options": {...}}."""
+    """Per-request eviction override: {"policy": "kvcrush", "budget": 512, "options": {...}}; `prefill` and
+    `decode_slack` as the CLI's --prefill/--decode-slack (their defaults, not the server's, when unset)."""
 
     model_config = ConfigDict(extra="forbid")
     policy: str
     budget: int | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     evict_during_decode: bool = True
+    prefill: Literal["auto", "after", "chunked"] = "auto"
+    decode_slack: int = Field(default=0, ge=0)
 
 
 class StreamOptions(BaseModel):
@@ -86,7 +89,8 @@ class _Sampling(BaseModel):
         if e.budget is None:
             raise ConfigError("kv_cache_eviction needs a budget (KV tokens kept per sequence per layer)")
         return CacheEvictionConfig(e.policy, budget=e.budget, options=e.options,
-                                   evict_during_decode=e.evict_during_decode)
+                                   evict_during_decode=e.evict_during_decode, prefill=e.prefill,
+                                   decode_slack=e.decode_slack)
 
 
 class CompletionRequest(_Sampling):
