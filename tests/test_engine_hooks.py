@@ -306,3 +306,22 @@ def test_streams_of_a_step_are_detokenized_in_one_call(tiny_llama_dir, ids):
     assert dec.single == 0 and dec.batches and max(dec.batches) == 3
     for s, p in zip(seqs, pieces):
         assert "".join(p) == s.text == tok.decode(s.output_ids) and s.num_generated == s.config.max_new_tokens
+
+
+def test_batched_token_logprobs_equal_each_row_alone():
+    """The step's one log-prob call gives, bit for bit, what each row computed alone gives (float64)."""
+    from kvcrush_ov.core.engine.sampler import token_logprobs
+
+    def token_logprob(row, token):  # one row on its own, written out
+        top = row.max()
+        return float(float(row[token]) - float(top) - np.log(np.exp(np.subtract(row, top, dtype=np.float64)).sum()))
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((6, 1000)) * 4).astype(np.float32)
+    tokens = rng.integers(0, 1000, 6)
+    rows = np.array([4, 0, 5])
+    batched = token_logprobs(logits, tokens[rows], rows)
+    alone = [token_logprob(logits[r], int(t)) for r, t in zip(rows, tokens[rows])]
+    assert batched.tolist() == alone
+    ref = [float(log_softmax(logits[r].astype(np.float64))[t]) for r, t in zip(rows, tokens[rows])]
+    assert batched == pytest.approx(ref, rel=1e-12)
+    assert token_logprobs(logits, tokens).tolist() == [token_logprob(r, int(t)) for r, t in zip(logits, tokens)]

@@ -35,3 +35,20 @@ def sample(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generato
 def greedy_batch(logits: np.ndarray) -> np.ndarray:
     """Argmax over rows [S, V] at once (the common case: every request greedy)."""
     return logits.argmax(axis=-1)
+
+
+def token_logprobs(logits: np.ndarray, tokens: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """float64 [R]: log p(tokens[i]) under logits row rows[i] of [S, V] (all rows when rows is None;
+    openvino_genai's scores sum these).
+
+    float64 log-sum-exp, row by row through one reused buffer: the exp of a vocabulary-sized row is the
+    cost, and a row's float64 copy stays in cache where a whole [S, V] float64 batch does not (measured
+    slower batched). Bit-identical to computing each row alone."""
+    rows = np.arange(logits.shape[0]) if rows is None else rows
+    tops = logits.max(axis=-1)[rows]  # exact in the rows' dtype
+    sums = np.empty(len(rows), dtype=np.float64)
+    buf = np.empty(logits.shape[-1], dtype=np.float64)
+    for i, row in enumerate(rows.tolist()):
+        np.subtract(logits[row], tops[i], out=buf, dtype=np.float64)
+        sums[i] = np.exp(buf, out=buf).sum()
+    return logits[rows, tokens].astype(np.float64) - tops.astype(np.float64) - np.log(sums)
