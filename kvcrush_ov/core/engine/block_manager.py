@@ -86,6 +86,15 @@ class BlockManager:
             self._shared = bool((self._ref > 1).any())
         return self._shared
 
+    def have_room(self, seq_ids: list[int], num_slots: np.ndarray) -> np.ndarray:
+        """bool [len(seq_ids)]: whether each sequence's blocks already hold num_slots[:, i] slots in every
+        layer with no block shared (allocate() would do nothing): one check for a whole decode batch."""
+        if not seq_ids or self._any_shared():
+            return np.zeros(len(seq_ids), dtype=bool)
+        zeros = np.zeros(self.num_layers, dtype=np.int64)
+        counts = np.stack([self._counts.get(s, zeros) for s in seq_ids], axis=1)  # [L, S]
+        return (counts * self.block_size >= num_slots).all(axis=0)
+
     def free_counts(self) -> np.ndarray:
         """int [L]: free blocks in each layer."""
         return np.fromiter(map(len, self._free), dtype=np.int64, count=self.num_layers)

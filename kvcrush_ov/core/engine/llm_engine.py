@@ -25,7 +25,7 @@ from .stopping import Decode, after_tokens
 
 
 def token_logprob(row: np.ndarray, token: int) -> float:
-    """log p(token) under one logits row (float64 log-sum-exp; openvino_genai's scores sum these)."""
+    """log p(token) under one logits row (see sampler.token_logprobs; openvino_genai's scores sum these)."""
     return float(token_logprobs(row[None], np.array([token]))[0])
 
 
