@@ -286,3 +286,18 @@ def test_request_input_tensors_are_reused_across_steps(tiny_llama_dir):
     assert [s.output_ids for s in seqs] == alone
     for name in ("input_ids", "position_ids", "past_lens", "block_indices"):  # the request reads what _feed wrote
         assert np.shares_memory(engine.runner.request.get_tensor(name).data, engine.runner._inputs[name].data)
+
+
+def test_full_cache_engine_refuses_per_request_eviction_it_cannot_express(tiny_llama_dir):
+    """One block table for all layers cannot hold layers that compacted differently: a request asking to
+    evict on such an engine is refused up front (even a policy that needs no scores), not served wrong."""
+    from kvcrush_ov import CacheEvictionConfig
+    from kvcrush_ov.core.errors import ConfigError
+    engine = LLMEngine(tiny_llama_dir, scheduler_config=SchedulerConfig(cache_size=0.05))
+    ids = list(range(10, 200))
+    with pytest.raises(ConfigError, match="without eviction support"):
+        engine.add_request(ids, GenerationConfig(max_new_tokens=4), eviction=CacheEvictionConfig("streaming", budget=128))
+    s = engine.add_request(ids, GenerationConfig(max_new_tokens=4, ignore_eos=True), eviction=None)
+    while engine.has_unfinished:
+        engine.step()
+    assert len(s.output_ids) == 4
