@@ -5,7 +5,12 @@ prompt is prefilled, then times the pure decode steps: the whole `step()`, the m
 engine's parts (scheduling, input building, sampling/stop/stream, eviction hooks, bookkeeping). Prints
 medians in ms per step. Run it against two checkouts (PYTHONPATH) to compare code versions on one load.
 
-    PYTHONPATH=. python scripts/decode_overhead.py --model smollm2-135m --concurrency 8,32 [--profile]
+--native also times openvino-genai's ContinuousBatchingPipeline.step() on the same prompts, in the same
+process. Besides wall time it prints the process CPU time per step (all threads): on a shared 2-core
+machine the wall time of a two-thread infer depends on how often the other load preempts one thread,
+which differs run to run; the CPU time is the work done, and is what a quiet machine turns into time.
+
+    PYTHONPATH=. python scripts/decode_overhead.py --model smollm2-135m --concurrency 8,32 [--native] [--profile]
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ _PARTS = [
     ("runner", "run", "inputs+infer"),
     ("evictor", "observe", "evict.observe"),
     ("evictor", "maybe_evict", "evict.maybe"),
+    ("", "_sample", "emit"),  # (newer code: the whole step's sampling; older code: _emit per sequence)
     ("", "_emit", "emit"),
     ("", "_emit_batch", "emit"),
     ("", "_drop_finished", "drop_finished"),
@@ -87,9 +93,11 @@ def measure(engine: LLMEngine, concurrency: int, prompt_tokens: int, new_tokens:
     while any(s.num_computed < s.num_prompt_tokens for s in seqs):
         engine.step()
     saved = []
+    labels = set()
     for owner_path, name, label in _PARTS:
         owner = _resolve(engine, owner_path)
-        if owner is not None and hasattr(owner, name):
+        if owner is not None and hasattr(owner, name) and label not in labels:
+            labels.add(label)
             saved.append((owner, name, owner.__dict__.get(name)))
             setattr(owner, name, timer.wrap(getattr(owner, name), label))
     import kvcrush_ov.core.engine.llm_engine as module
@@ -105,9 +113,9 @@ def measure(engine: LLMEngine, concurrency: int, prompt_tokens: int, new_tokens:
             timer.acc.clear()
             if prof:
                 prof.enable()
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             engine.step()
-            total = time.perf_counter() - t
+            total, cpu = time.perf_counter() - t, time.process_time() - cpu
             tm = time.perf_counter()
             engine.metrics()  # what `bench` calls after every step (peak KV bytes)
             metrics = time.perf_counter() - tm
@@ -117,6 +125,7 @@ def measure(engine: LLMEngine, concurrency: int, prompt_tokens: int, new_tokens:
             if st is not None and st.num_prefill_tokens == 0 and st.num_decode_seqs == concurrency:
                 row = dict(timer.acc)
                 row["step"] = total
+                row["step cpu (all threads)"] = cpu
                 row["bench.metrics"] = metrics
                 rows.append(row)
     finally:
@@ -142,6 +151,36 @@ def measure(engine: LLMEngine, concurrency: int, prompt_tokens: int, new_tokens:
     return out
 
 
+def measure_native(cb, concurrency: int, prompt_tokens: int, new_tokens: int, seed: int, vocab: int) -> dict:
+    """openvino-genai's ContinuousBatchingPipeline on the same prompts: median ms of its whole step() over
+    the pure decode steps (every request already has its first token and gets one more in the step)."""
+    import openvino as ov
+    import openvino_genai as ov_genai
+    rng = np.random.default_rng(seed)
+    gc = ov_genai.GenerationConfig()
+    gc.max_new_tokens, gc.ignore_eos, gc.apply_chat_template = new_tokens, True, False
+    handles = [cb.add_request(i, ov.Tensor(rng.integers(100, vocab, (1, prompt_tokens)).astype(np.int64)), gc)
+               for i in range(concurrency)]
+    got = [0] * concurrency
+    steps = []
+    while cb.has_non_finished_requests():
+        started = all(got)
+        t, cpu = time.perf_counter(), time.process_time()
+        cb.step()
+        total, cpu = time.perf_counter() - t, time.process_time() - cpu
+        new = [0] * concurrency
+        for i, h in enumerate(handles):
+            if h.can_read():
+                for out in h.read().values():
+                    new[i] += len(out.generated_ids)
+        got = [g + n for g, n in zip(got, new)]
+        if started and all(n == 1 for n in new):
+            steps.append((total, cpu))
+    wall, cpu = np.median(steps, axis=0) if steps else (np.nan, np.nan)
+    return {"concurrency": concurrency, "steps": len(steps),
+            "ms": {"native step": 1e3 * float(wall), "native step cpu (all threads)": 1e3 * float(cpu)}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -151,6 +190,8 @@ def main() -> None:
     ap.add_argument("--cache-size", type=float, default=1.0)
     ap.add_argument("--stream", action="store_true", help="every request streams text (detokenized each step)")
     ap.add_argument("--profile", action="store_true", help="also print the cProfile top of the decode steps")
+    ap.add_argument("--native", action="store_true",
+                    help="also time openvino-genai's step() on the same prompts, in this process, after ours")
     ap.add_argument("--label", default="", help="printed with the results (e.g. before / after)")
     ap.add_argument("--json", default="", help="append the results as one JSON line to this file")
     args = ap.parse_args()
@@ -162,9 +203,23 @@ def main() -> None:
     engine.add_request([1, 2, 3, 4], GenerationConfig(max_new_tokens=4, ignore_eos=True))  # warm-up
     while engine.has_unfinished:
         engine.step()
+    cb = None
+    if args.native:
+        import openvino_genai as ov_genai
+        from kvcrush_ov.api.native import to_native_scheduler
+        cb = ov_genai.ContinuousBatchingPipeline(str(model_dir), to_native_scheduler(SchedulerConfig(
+            cache_size=args.cache_size)), "CPU", {})
+        measure_native(cb, 1, 4, 4, seed=99, vocab=engine.runner.vocab_size or 32000)  # warm-up
     results = []
     for i, c in enumerate(int(x) for x in args.concurrency.split(",")):
         r = measure(engine, c, args.prompt_tokens, args.new_tokens, seed=i, profile=args.profile, stream=args.stream)
+        if cb is not None:
+            nat = measure_native(cb, c, args.prompt_tokens, args.new_tokens, seed=i, vocab=engine.runner.vocab_size or 32000)
+            r["ms"].update(nat["ms"])
+            r["ms"]["step / native step"] = r["ms"]["step"] / nat["ms"]["native step"]
+            r["ms"]["step cpu / native step cpu"] = (r["ms"]["step cpu (all threads)"]
+                                                     / nat["ms"]["native step cpu (all threads)"])
+            r["native_steps"] = nat["steps"]
         results.append(r)
         print(f"\n[{args.label}] {c} requests{' streaming' * args.stream}, {r['steps']} decode steps, median ms/step "
               f"(load {os.getloadavg()[0]:.2f}):")

@@ -68,3 +68,22 @@ def test_exhausted_pool_is_reported_before_any_change():
         b.allocate(1, 16)
     assert b.tables == before
     b.check_invariants()
+
+
+def test_have_room_agrees_with_allocate_for_a_decode_batch():
+    """The scheduler's one-call check: True exactly where allocate() would change nothing."""
+    b = BlockManager(num_blocks=40, num_layers=L, block_size=BS)
+    b.allocate(1, 5); b.commit(1, 5)   # 2 blocks, 5 slots: the 6th fits
+    b.allocate(2, 8); b.commit(2, 8)   # 2 blocks full: the 9th needs a block
+    b.allocate(3, 7); b.commit(3, 7)
+    b.trim(3, [7, 7, 4])               # layer 2 holds 1 full block: needs one there
+    ids = [1, 2, 3, 99]                # 99 holds nothing
+    room = b.have_room(ids, b.lens_of(ids) + 1)
+    assert room.tolist() == [True, False, False, False]
+    before = {s: [list(t) for t in b.tables[s]] for s in (1, 2, 3)}
+    for s in (1, 2, 3):
+        b.allocate(s, b.layer_lens(s) + 1)
+    assert [b.tables[s] == before[s] for s in (1, 2, 3)] == [True, False, False]
+    b.fork(1, 4)                       # a shared last block must be copied before writing: no room
+    assert b.have_room([1, 4], b.lens_of([1, 4]) + 1).tolist() == [False, False]
+    b.check_invariants()

@@ -238,3 +238,66 @@ def test_kv_bytes_are_exact_per_precision(tiny_llama_dir, precision, key_bytes_p
     assert e.runner.bytes_per_block_all_layers == per_block_layer * 2  # x 2 layers
     allocated = sum(t.get_byte_size() for t in e.runner.kv._tensors)
     assert allocated == 8 * e.runner.bytes_per_block_all_layers
+
+
+def test_full_cache_engine_binds_one_block_table_for_all_layers(tiny_llama_dir):
+    """Without eviction every layer holds the same blocks: the graph reads one `block_indices` (as
+    openvino-genai compiles a full-cache pipeline); an evicting engine keeps one table per layer."""
+    full = LLMEngine(tiny_llama_dir, scheduler_config=SchedulerConfig(cache_size=0.05))
+    evicting = LLMEngine(tiny_llama_dir, scheduler_config=SchedulerConfig(cache_size=0.05), enable_eviction=True)
+    layers = full.runner.num_layers
+    assert "block_indices" in full.runner.input_names
+    assert not any(f"block_indices.{i}" in full.runner.input_names for i in range(layers))
+    assert "block_indices" not in evicting.runner.input_names
+    assert all(f"block_indices.{i}" in evicting.runner.input_names for i in range(layers))
+    # Requests that grow, finish and free blocks at different times: the shared table stays every layer's.
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(10, 1000, n).tolist() for n in (40, 7, 90, 33)]
+    outs = {}
+    for name, engine in (("full", full), ("evicting", evicting)):
+        seqs = [engine.add_request(p, GenerationConfig(max_new_tokens=n, ignore_eos=True))
+                for p, n in zip(prompts, (20, 45, 9, 30))]
+        while engine.has_unfinished:
+            engine.step()
+            tables = engine.blocks.tables
+            assert all(all(t == ts[0] for t in ts) for ts in tables.values())
+        outs[name] = [s.output_ids for s in seqs]
+    assert outs["full"] == outs["evicting"]
+
+
+def test_request_input_tensors_are_reused_across_steps(tiny_llama_dir):
+    """Inputs are written into the request's own tensors, resized as the batch changes (no new tensor
+    bound per step), and the tokens are those of one request run alone."""
+    engine = LLMEngine(tiny_llama_dir, scheduler_config=SchedulerConfig(cache_size=0.05, max_num_batched_tokens=32))
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(10, 1000, n).tolist() for n in (50, 5, 70)]
+    alone = []
+    for p in prompts:
+        s = engine.add_request(p, GenerationConfig(max_new_tokens=12, ignore_eos=True))
+        while engine.has_unfinished:
+            engine.step()
+        alone.append(s.output_ids)
+    seqs = [engine.add_request(p, GenerationConfig(max_new_tokens=12, ignore_eos=True)) for p in prompts]
+    sizes = set()
+    while engine.has_unfinished:
+        engine.step()
+        sizes.add(int(engine.runner.request.get_tensor("input_ids").shape[0]))
+    assert len(sizes) > 2  # the batch shape changed from step to step
+    assert [s.output_ids for s in seqs] == alone
+    for name in ("input_ids", "position_ids", "past_lens", "block_indices"):  # the request reads what _feed wrote
+        assert np.shares_memory(engine.runner.request.get_tensor(name).data, engine.runner._inputs[name].data)
+
+
+def test_full_cache_engine_refuses_per_request_eviction_it_cannot_express(tiny_llama_dir):
+    """One block table for all layers cannot hold layers that compacted differently: a request asking to
+    evict on such an engine is refused up front (even a policy that needs no scores), not served wrong."""
+    from kvcrush_ov import CacheEvictionConfig
+    from kvcrush_ov.core.errors import ConfigError
+    engine = LLMEngine(tiny_llama_dir, scheduler_config=SchedulerConfig(cache_size=0.05))
+    ids = list(range(10, 200))
+    with pytest.raises(ConfigError, match="without eviction support"):
+        engine.add_request(ids, GenerationConfig(max_new_tokens=4), eviction=CacheEvictionConfig("streaming", budget=128))
+    s = engine.add_request(ids, GenerationConfig(max_new_tokens=4, ignore_eos=True), eviction=None)
+    while engine.has_unfinished:
+        engine.step()
+    assert len(s.output_ids) == 4

@@ -86,6 +86,15 @@ class BlockManager:
             self._shared = bool((self._ref > 1).any())
         return self._shared
 
+    def have_room(self, seq_ids: list[int], num_slots: np.ndarray) -> np.ndarray:
+        """bool [len(seq_ids)]: whether each sequence's blocks already hold num_slots[:, i] slots in every
+        layer with no block shared (allocate() would do nothing): one check for a whole decode batch."""
+        if not seq_ids or self._any_shared():
+            return np.zeros(len(seq_ids), dtype=bool)
+        zeros = np.zeros(self.num_layers, dtype=np.int64)
+        counts = np.stack([self._counts.get(s, zeros) for s in seq_ids], axis=1)  # [L, S]
+        return (counts * self.block_size >= num_slots).all(axis=0)
+
     def free_counts(self) -> np.ndarray:
         """int [L]: free blocks in each layer."""
         return np.fromiter(map(len, self._free), dtype=np.int64, count=self.num_layers)
@@ -101,16 +110,19 @@ class BlockManager:
         zeros = np.zeros(self.num_layers, dtype=np.int64)
         return np.stack([self._lens.get(s, zeros) for s in seq_ids], axis=1)
 
-    def gather_tables(self, seq_ids: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
+    def gather_tables(self, seq_ids: list[int], layers: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
         """The block tables of the sequences, concatenated in order, as PagedAttention reads them:
-        per layer the int32 block ids, and int32 [L, len(seq_ids)+1] where each sequence's ids begin."""
-        empty = np.zeros((self.num_layers, 0), dtype=np.int32)
-        zeros = np.zeros(self.num_layers, dtype=np.int64)
-        counts = np.stack([self._counts.get(s, zeros) for s in seq_ids], axis=1)  # [L, B]
-        begins = np.zeros((self.num_layers, len(seq_ids) + 1), dtype=np.int32)
+        per layer the int32 block ids, and int32 [L, len(seq_ids)+1] where each sequence's ids begin.
+        layers: only the first this many layers (1 when every layer holds the same blocks)."""
+        nl = self.num_layers if layers is None else layers
+        empty = np.zeros((nl, 0), dtype=np.int32)
+        zeros = np.zeros(nl, dtype=np.int64)
+        counts = np.stack([self._counts[s][:nl] if s in self._counts else zeros for s in seq_ids], axis=1)  # [L, B]
+        begins = np.zeros((nl, len(seq_ids) + 1), dtype=np.int32)
         np.cumsum(counts, axis=1, out=begins[:, 1:])
         widths = counts.max(axis=0)
-        ids = np.concatenate([self._arrays.get(s, empty)[:, :w] for s, w in zip(seq_ids, widths)], axis=1)
+        ids = np.concatenate([self._arrays[s][:nl, :w] if s in self._arrays else empty
+                              for s, w in zip(seq_ids, widths)], axis=1)
         if (counts == widths).all():  # every layer holds as many blocks (the common case): rows as they are
             return list(ids), begins
         local = np.arange(ids.shape[1]) - np.repeat(np.cumsum(widths) - widths, widths)  # index in its table

@@ -170,6 +170,12 @@ class Evictor:
             if self.runner.uses_alibi:
                 raise ConfigError(f"policy {plan.policy.name!r} scores attention per head, which does not model this "
                                   f"model's ALiBi position biases; use 'streaming' or the full cache")
+        if policy.name != "full" and not self.runner.info.has_per_layer_block_indices:
+            # compiled with one block table for all layers: a compaction could leave layers holding
+            # different blocks (sliding layers, per-layer keep-sets), which that table cannot express
+            raise ConfigError("this engine was built without eviction support (one block table for all layers); "
+                              "pass a cache_eviction_config in SchedulerConfig (or enable_eviction=True) when "
+                              "creating it")
         if plan.policy.per_layer_budgets and not self.runner.per_layer_lengths:
             raise ConfigError(f"policy {plan.policy.name!r} keeps different lengths per layer; build the engine "
                               f"with it as the default policy (or per_layer_lengths=True) to use it per request")

@@ -18,17 +18,15 @@ from ..errors import CacheCapacityError, ConfigError, KVCrushError, PromptError
 from ..eviction_config import DEFAULT_EVICTION, CacheEvictionConfig, RequestEviction, is_default
 from .eviction import EvictionPlan, Evictor
 from .model_runner import ModelRunner
-from .sampler import greedy_batch, sample
+from .sampler import greedy_batch, sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import FinishReason, LogitsObserver, Sequence, Status, TokenSource
 from .stopping import Decode, after_tokens
 
 
 def token_logprob(row: np.ndarray, token: int) -> float:
-    """log p(token) under one logits row (float64 log-sum-exp; openvino_genai's scores sum these)."""
-    top = row.max()  # exact in the row's dtype: the same values as in float64, one pass and one buffer fewer
-    z = np.subtract(row, top, dtype=np.float64)
-    return float(float(row[token]) - float(top) - np.log(np.exp(z, out=z).sum()))
+    """log p(token) under one logits row (see sampler.token_logprobs; openvino_genai's scores sum these)."""
+    return float(token_logprobs(row[None], np.array([token]))[0])
 
 
 @dataclass
@@ -318,26 +316,54 @@ class LLMEngine:
         n_decode = sum(1 for c in out.chunks if c.num_tokens == 1 and c.samples)
         self.evictor.observe(out.chunks)
         self.scheduler.postprocess(out)
-        rows = {id(seq): i for i, seq in enumerate(sampling)}
-        greedy = greedy_batch(logits) if all(not s.config.do_sample for s in sampling) else None
-        now = time.perf_counter()
-        # Sequences with a token source go last: a source may follow what another request of this step produced.
-        emitted = [seq for seq in sorted(sampling, key=lambda s: s.token_source is not None)
-                   if self._emit(seq, logits[rows[id(seq)]], None if greedy is None else int(greedy[rows[id(seq)]]), now)]
-        after_tokens(emitted, self.decode)
-        for c in out.chunks:
-            m = c.seq.metrics  # the peak is what the sequence held before it evicted
-            m.peak_kv_slots = max(m.peak_kv_slots, self.blocks.cache_len(c.seq.seq_id))
-            self.evictor.maybe_evict(c.seq)
-            if c.seq.num_computed >= c.seq.num_prompt_tokens:
-                lens = self.blocks.layer_lens(c.seq.seq_id)
-                m.peak_decode_kv_slots = max(m.peak_decode_kv_slots, float(lens.mean()))  # layers may differ
+        after_tokens(self._sample(sampling, logits, time.perf_counter()), self.decode)
+        # KV peaks of every scheduled sequence from one [L, S] array; an eviction changes only its own.
+        lens = self.blocks.lens_of([c.seq.seq_id for c in out.chunks])
+        for c, peak, mean in zip(out.chunks, lens.max(axis=0).tolist(), lens.mean(axis=0).tolist()):
+            seq, m = c.seq, c.seq.metrics
+            m.peak_kv_slots = max(m.peak_kv_slots, peak)  # what the sequence held before it evicts
+            if seq.eviction is not None and self.evictor.maybe_evict(seq):
+                mean = float(self.blocks.layer_lens(seq.seq_id).mean())
+            if seq.num_computed >= seq.num_prompt_tokens:
+                m.peak_decode_kv_slots = max(m.peak_decode_kv_slots, mean)  # layers may differ
         self.last_step = StepStats(out.num_tokens, n_prefill, n_decode, time.perf_counter() - t0)
         return self._drop_finished()
 
-    def _emit(self, seq: Sequence, row: np.ndarray, greedy: int | None, now: float) -> bool:
-        """Choose the sequence's next token from its logits row (or its token source); False if it got none
-        (stop checks and streaming follow for all at once: stopping.after_tokens)."""
+    def _sample(self, sampling: list[Sequence], logits: np.ndarray, now: float) -> list[Sequence]:
+        """Give each sampling sequence its next token (logits row i is sampling[i]'s); return those that
+        got one, in the order stop checks and streaming see them.
+
+        The common request (greedy, no hook, no EOS held back) costs one argmax and one log-prob call for
+        the whole batch, then an append; the others go through _emit one by one."""
+        greedy = greedy_batch(logits)
+        plain = np.fromiter((s.token_source is None and s.logits_observer is None and not s.config.do_sample
+                             and (not s.eos_token_ids or s.num_generated >= s.config.min_new_tokens)
+                             for s in sampling), dtype=bool, count=len(sampling))
+        logprobs = np.zeros(len(sampling))
+        if plain.any():
+            rows = np.flatnonzero(plain)
+            logprobs[rows] = token_logprobs(logits, greedy[rows], rows)
+        tokens, logprobs, plain = greedy.tolist(), logprobs.tolist(), plain.tolist()
+        order = range(len(sampling))
+        if any(s.token_source is not None for s in sampling):  # a source may follow what others produced now
+            order = sorted(order, key=lambda i: sampling[i].token_source is not None)
+        emitted = []
+        for i in order:
+            seq = sampling[i]
+            if plain[i] and not seq.is_finished:
+                seq.cumulative_logprob += logprobs[i]
+                seq.token_ids.append(tokens[i])
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                seq.token_times.append(now)
+            elif plain[i] or not self._emit(seq, logits[i], tokens[i], now):
+                continue
+            emitted.append(seq)
+        return emitted
+
+    def _emit(self, seq: Sequence, row: np.ndarray, greedy: int, now: float) -> bool:
+        """Choose the sequence's next token from its logits row (or its token source; greedy: the row's
+        argmax); False if it got none (stop checks and streaming follow for all at once: stopping.after_tokens)."""
         if seq.is_finished:
             return False
         if seq.logits_observer is not None:
@@ -349,7 +375,7 @@ class LLMEngine:
                 return False
         else:
             suppress = seq.eos_token_ids if seq.num_generated < seq.config.min_new_tokens else frozenset()
-            token = greedy if greedy is not None and not suppress else sample(row, seq.config, seq.rng, suppress)
+            token = greedy if not seq.config.do_sample and not suppress else sample(row, seq.config, seq.rng, suppress)
         seq.cumulative_logprob += token_logprob(row, token)
         seq.token_ids.append(token)
         if seq.first_token_time is None:

@@ -92,7 +92,10 @@ class ModelRunner:
         _check_pageable(model, self.model_dir, kind)
         try:
             # PagedAttention's own `scores.N` (summed over heads) are not what we score with: not requested.
-            self.info = transforms.make_paged_model(model, score_outputs=False)
+            # Layers hold different blocks only once a sequence evicts (or with per-layer lengths): else one
+            # block table for all layers, as openvino-genai compiles a full-cache pipeline.
+            self.info = transforms.make_paged_model(model, score_outputs=False,
+                                                    per_layer_block_indices=expose_queries or per_layer_lengths)
         except RuntimeError as e:  # OpenVINO's own message is pages long: keep its last line
             raise ModelError(f"openvino cannot turn {self.model_dir} ({kind}) into a PagedAttention model: "
                              f"{str(e).strip().splitlines()[-1]}") from None
@@ -123,6 +126,7 @@ class ModelRunner:
         except RuntimeError as e:
             raise ModelError(f"cannot compile the paged model on {device}: {str(e).strip().splitlines()[-1]}") from None
         self.request = self.compiled.create_infer_request()
+        self._inputs: dict[str, ov.Tensor] = {}  # the request's own input tensors, written in place each step
         self.input_names = {name for i in self.compiled.inputs for name in i.get_names()}
         self.num_layers = self.info.num_layers
         try:
@@ -173,6 +177,18 @@ class ModelRunner:
         return q.reshape(q.shape[0], -1, self.head_size)
 
     # -- one step ----------------------------------------------------------------------------------
+    def _feed(self, inputs: dict[str, np.ndarray]) -> None:
+        """Write the step's inputs into the request's own input tensors (resized in place), as openvino-genai
+        does: binding new tensors every step makes the plugin re-bind its input memory in every infer."""
+        tensors = self._inputs
+        for name, value in inputs.items():
+            tensor = tensors.get(name)
+            if tensor is None:
+                tensor = tensors[name] = self.request.get_tensor(name)
+            if tensor.shape != value.shape:
+                tensor.shape = value.shape
+            tensor.data[...] = value
+
     def run(self, chunks: list[ScheduledChunk], blocks: BlockManager) -> np.ndarray:
         """Feed the chunks; return logits [S, V] for the chunks that sample, in chunk order.
 
@@ -204,12 +220,16 @@ class ModelRunner:
             "subsequence_begins": begins,
             "max_context_len": np.array(int((past + lens).max()), dtype=np.int32),
         }
-        block_ids, block_begins = blocks.gather_tables(ids)
-        for layer in range(self.num_layers):
-            inputs[f"block_indices.{layer}"] = block_ids[layer]
-            if self.per_layer_lengths:
-                inputs[f"past_lens.{layer}"] = layer_past[layer]
-                inputs[f"block_indices_begins.{layer}"] = block_begins[layer]
+        if self.info.has_per_layer_block_indices:
+            block_ids, block_begins = blocks.gather_tables(ids)
+            for layer in range(self.num_layers):
+                inputs[f"block_indices.{layer}"] = block_ids[layer]
+                if self.per_layer_lengths:
+                    inputs[f"past_lens.{layer}"] = layer_past[layer]
+                    inputs[f"block_indices_begins.{layer}"] = block_begins[layer]
+        else:  # every layer holds the same blocks: layer 0's table is all layers'
+            block_ids, block_begins = blocks.gather_tables(ids, layers=1)
+            inputs["block_indices"] = block_ids[0]
         if not self.per_layer_lengths:
             inputs["block_indices_begins"] = block_begins[0]
             inputs["past_lens"] = past
@@ -217,8 +237,8 @@ class ModelRunner:
             inputs["score_aggregation_window"] = np.zeros(n, dtype=np.int32)
         if self.info.gathers_logits:
             inputs["sampled_tokens_indices"] = (begins[1:][sample_rows] - 1).astype(np.int64)
-        self.request.set_tensors({name: ov.Tensor(value) for name, value in inputs.items()})
-        self.request.infer()
+        self._feed(inputs)
+        self.request.infer(share_outputs=True)  # (the default copies every output into a new array first)
         logits = self.request.get_tensor("logits").data
         vocab = logits.shape[-1]
         logits = logits.reshape(-1, vocab)

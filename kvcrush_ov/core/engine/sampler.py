@@ -35,3 +35,22 @@ def sample(logits: np.ndarray, config: GenerationConfig, rng: np.random.Generato
 def greedy_batch(logits: np.ndarray) -> np.ndarray:
     """Argmax over rows [S, V] at once (the common case: every request greedy)."""
     return logits.argmax(axis=-1)
+
+
+def token_logprobs(logits: np.ndarray, tokens: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """float64 [R]: log p(tokens[i]) under logits row rows[i] of [S, V] (all rows when rows is None;
+    openvino_genai's scores sum these).
+
+    The exp of a vocabulary-sized row is the whole cost, paid by every request at every step: it runs in
+    float32 (as openvino_genai's sampler computes log-probs), row by row through one reused buffer that
+    stays in cache, at about half the time of float64. Within ~1e-7 of the float64 value per token (the
+    shift by the row's max is exact: the logits hold bf16/f32 values); each row's result does not depend
+    on the other rows."""
+    rows = np.arange(logits.shape[0]) if rows is None else np.asarray(rows)
+    tops = logits.max(axis=-1)[rows]
+    sums = np.empty(len(rows), dtype=np.float64)
+    buf = np.empty(logits.shape[-1], dtype=np.float32)
+    for i, row in enumerate(rows.tolist()):
+        np.subtract(logits[row], tops[i], out=buf, dtype=np.float32)
+        sums[i] = np.exp(buf, out=buf).sum()
+    return logits[rows, tokens].astype(np.float64) - tops.astype(np.float64) - np.log(sums)

@@ -66,10 +66,19 @@ class Scheduler:
         out = SchedulerOutput()
         step_tokens = self.max_num_batched_tokens  # tokens this step may still feed the model
         # 1. decodes: running sequences whose every token but the last sampled one is in the cache.
-        for seq in list(self.seqs):
+        decoding = [s for s in self.seqs if s.status is Status.RUNNING and s.num_uncomputed == 1]
+        ids = [s.seq_id for s in decoding]
+        # Most decodes write into a block they already hold: checked for all at once (preempting others
+        # only frees blocks, so a sequence that has room keeps it through this loop).
+        room = self.blocks.have_room(ids, self.blocks.lens_of(ids) + 1).tolist() if ids else []
+        for seq, fits in zip(decoding, room):
             if step_tokens == 0:
                 break
-            if seq.status is not Status.RUNNING or seq.num_uncomputed != 1 or seq in out.preempted:
+            if seq.status is not Status.RUNNING:  # preempted above, to make room for an older one
+                continue
+            if fits:
+                out.chunks.append(ScheduledChunk(seq, 1))
+                step_tokens -= 1
                 continue
             grown = self.blocks.layer_lens(seq.seq_id) + 1
             while not self.blocks.can_hold(seq.seq_id, grown):

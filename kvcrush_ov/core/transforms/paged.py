@@ -27,13 +27,18 @@ def is_stateful_sdpa(model: ov.Model) -> bool:
         model.get_sinks())
 
 
-def make_paged_model(model: ov.Model, *, score_outputs: bool = True, gather_logits: bool = True) -> PagedModelInfo:
+def make_paged_model(model: ov.Model, *, score_outputs: bool = True, gather_logits: bool = True,
+                     per_layer_block_indices: bool = True) -> PagedModelInfo:
     """Apply openvino's paged_attention_transformation in place (as openvino-genai does with eviction on:
     per-layer block indices and score outputs), then our logits gather. The caller checked the model is
-    a stateful SDPA export."""
+    a stateful SDPA export.
+
+    per_layer_block_indices=False: one `block_indices` input read by every layer, as openvino-genai
+    compiles a full-cache pipeline (layers can only hold different blocks once they evict); a step
+    then builds and binds one table instead of one per layer."""
     paged_attention_transformation(
         model,
-        use_block_indices_inputs=True,
+        use_block_indices_inputs=per_layer_block_indices,
         use_score_outputs=score_outputs,
         allow_score_aggregation=True,  # as openvino-genai compiles it (same kernels, same numerics)
     )
@@ -50,6 +55,6 @@ def make_paged_model(model: ov.Model, *, score_outputs: bool = True, gather_logi
         q_width=pa_nodes[0].input(0).get_partial_shape()[1].get_length(),
         kv_width=k_shape[1].get_length(),
         has_score_outputs=score_outputs,
-        has_per_layer_block_indices=True,
+        has_per_layer_block_indices=per_layer_block_indices,
         gathers_logits=gathered,
     )
