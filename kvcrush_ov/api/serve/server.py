@@ -32,7 +32,7 @@ from .metrics import metrics_registry, render_metrics
 from .protocol import ChatRequest, CompletionRequest, _Sampling, chat_prompt, completion_prompt
 
 log = logging.getLogger("kvcrush_ov.api.serve")
-DISCONNECT_POLL_S = 0.5
+DISCONNECT_POLL_S = 0.1
 
 
 class HTTPError(Exception):
