@@ -351,11 +351,7 @@ class LLMEngine:
         for i in order:
             seq = sampling[i]
             if plain[i] and not seq.is_finished:
-                seq.cumulative_logprob += logprobs[i]
-                seq.token_ids.append(tokens[i])
-                if seq.first_token_time is None:
-                    seq.first_token_time = now
-                seq.token_times.append(now)
+                seq.append_token(tokens[i], logprobs[i], now)
             elif plain[i] or not self._emit(seq, logits[i], tokens[i], now):
                 continue
             emitted.append(seq)
@@ -376,11 +372,7 @@ class LLMEngine:
         else:
             suppress = seq.eos_token_ids if seq.num_generated < seq.config.min_new_tokens else frozenset()
             token = greedy if not seq.config.do_sample and not suppress else sample(row, seq.config, seq.rng, suppress)
-        seq.cumulative_logprob += token_logprob(row, token)
-        seq.token_ids.append(token)
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        seq.token_times.append(now)
+        seq.append_token(token, token_logprob(row, token), now)
         return True
 
     def _drop_finished(self) -> list[Sequence]:

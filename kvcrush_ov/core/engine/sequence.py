@@ -103,6 +103,14 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
+    def append_token(self, token: int, logprob: float, now: float) -> None:
+        """A generated token, its log-probability and when it came (the first one is the TTFT)."""
+        self.cumulative_logprob += logprob
+        self.token_ids.append(token)
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.token_times.append(now)
+
     def finish(self, reason: FinishReason, error: str | None = None) -> None:
         self.status = Status.FINISHED
         self.finish_reason = reason
